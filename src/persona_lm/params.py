@@ -1,0 +1,336 @@
+"""The params.yaml schema: the single source of truth for every knob's name, type, range and default.
+
+Every stage loads its params through `load_params`, so a typo or an out-of-range value fails before
+any work starts, with one line naming the key (`params.yaml: filter.min_words: must be >= 0 (got -3)`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from persona_lm.errors import ParamsError
+
+
+class Section(BaseModel):
+    """Unknown keys are errors: a misspelt knob must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------- persona
+
+class Persona(Section):
+    name: str = Field("Rosie", min_length=1)
+    user_name: str = Field("friend", min_length=1)
+    system_prompt: str = Field(
+        "You are Rosie, a small, warm desktop companion who lives on the user's screen. "
+        "You are curious, playful and kind, and you say how you feel.",
+        min_length=1,
+    )
+    emotions: list[str] = Field(
+        default_factory=lambda: [
+            "neutral", "joy", "sadness", "anger", "fear", "surprise", "disgust", "love", "curiosity",
+        ],
+        min_length=2,
+    )
+
+    @model_validator(mode="after")
+    def _emotions_unique(self) -> "Persona":
+        if len(set(self.emotions)) != len(self.emotions):
+            raise ValueError("emotions: labels must be unique")
+        if "neutral" not in self.emotions:
+            raise ValueError("emotions: must include 'neutral' (the label for unlabelled replies)")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- corpus
+
+class LocalSource(Section):
+    kind: Literal["local"]
+    path: str = Field(min_length=1)
+    max_docs: int | None = Field(None, ge=1)
+    max_bytes: int | None = Field(None, ge=1)
+
+
+class HttpSource(Section):
+    kind: Literal["http"]
+    url: str = Field(pattern=r"^https?://")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    format: Literal["auto", "txt", "jsonl", "parquet"] = "auto"
+    text_column: str = "text"
+    max_docs: int | None = Field(None, ge=1)
+    max_bytes: int | None = Field(None, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+
+
+class HfSource(Section):
+    kind: Literal["hf"]
+    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+    pattern: str = Field("**/*.parquet", min_length=1)
+    text_column: str = "text"
+    revision: str = "main"
+    endpoint: str | None = Field(None, pattern=r"^https?://")
+    max_docs: int | None = Field(None, ge=1)
+    max_bytes: int | None = Field(None, ge=1)
+
+
+Source = Annotated[Union[LocalSource, HttpSource, HfSource], Field(discriminator="kind")]
+
+
+class Corpus(Section):
+    sources: list[Source] = Field(
+        default_factory=lambda: [LocalSource(kind="local", path="data/sample/corpus")], min_length=1
+    )
+
+
+# ----------------------------------------------------------------------------------------------- filter
+
+class GopherQuality(Section):
+    """Rae et al. 2021 (Gopher/MassiveText) quality rules; defaults are the published thresholds."""
+
+    enabled: bool = True
+    min_doc_words: int = Field(50, ge=0)
+    max_doc_words: int = Field(100_000, ge=1)
+    min_avg_word_length: float = Field(3.0, ge=0)
+    max_avg_word_length: float = Field(10.0, gt=0)
+    max_symbol_word_ratio: float = Field(0.1, ge=0)
+    max_bullet_lines_ratio: float = Field(0.9, ge=0, le=1)
+    max_ellipsis_lines_ratio: float = Field(0.3, ge=0, le=1)
+    max_non_alpha_words_ratio: float = Field(0.8, ge=0, le=1)
+    min_stop_words: int = Field(2, ge=0)
+
+
+class GopherRepetition(Section):
+    """Gopher repetition rules; `top_n_grams` and `dup_n_grams` map n to the max character fraction."""
+
+    enabled: bool = True
+    dup_line_frac: float = Field(0.3, ge=0, le=1)
+    dup_para_frac: float = Field(0.3, ge=0, le=1)
+    dup_line_char_frac: float = Field(0.2, ge=0, le=1)
+    dup_para_char_frac: float = Field(0.2, ge=0, le=1)
+    top_n_grams: dict[int, float] = Field(default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16})
+    dup_n_grams: dict[int, float] = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    )
+
+
+class C4Quality(Section):
+    """Raffel et al. 2020 (C4) rules; line-level rules remove lines, doc-level rules drop the doc."""
+
+    enabled: bool = True
+    min_words_per_line: int = Field(3, ge=0)
+    min_num_sentences: int = Field(5, ge=0)
+    max_word_length: int = Field(1000, ge=1)
+    require_terminal_punct: bool = True
+    remove_citations: bool = True
+    filter_lorem_ipsum: bool = True
+    filter_javascript: bool = True
+    filter_curly_bracket: bool = True
+    filter_policy: bool = True
+
+
+class FineWebQuality(Section):
+    """Penedo et al. 2024 (FineWeb) quality rules with the published thresholds."""
+
+    enabled: bool = True
+    line_punct_thr: float = Field(0.12, ge=0, le=1)
+    line_punct_exclude_zero: bool = False
+    short_line_thr: float = Field(0.67, ge=0, le=1)
+    short_line_length: int = Field(30, ge=1)
+    char_duplicates_ratio: float = Field(0.01, ge=0, le=1)
+    new_line_ratio: float = Field(0.3, ge=0)
+
+
+class MinHash(Section):
+    enabled: bool = True
+    ngram: int = Field(5, ge=1)
+    bands: int = Field(14, ge=1)
+    rows: int = Field(8, ge=1)
+
+
+class Filter(Section):
+    normalize_unicode: bool = True
+    min_words: int = Field(30, ge=0)
+    max_words: int = Field(200_000, ge=1)
+    gopher_quality: GopherQuality = GopherQuality()
+    gopher_repetition: GopherRepetition = GopherRepetition()
+    c4: C4Quality = C4Quality()
+    fineweb: FineWebQuality = FineWebQuality()
+    exact_dedup: bool = True
+    minhash: MinHash = MinHash()
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Filter":
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words: must be <= max_words ({self.max_words}) (got {self.min_words})")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- youtube
+
+class Segment(Section):
+    """How a transcript is cut into utterances and then into conversations."""
+
+    pause_s: float = Field(1.2, ge=0)
+    max_utterance_words: int = Field(60, ge=1)
+    turns_per_conversation: int = Field(6, ge=2)
+    min_reply_words: int = Field(4, ge=1)
+
+
+class Youtube(Section):
+    urls: list[str] = Field(default_factory=list)
+    languages: list[str] = Field(default_factory=lambda: ["en"], min_length=1)
+    prefer_manual: bool = True
+    max_videos: int | None = Field(None, ge=1)
+    local_dirs: list[str] = Field(default_factory=lambda: ["data/sample/youtube"])
+    segment: Segment = Segment()
+
+
+# ---------------------------------------------------------------------------------- templates, messages
+
+class Templates(Section):
+    dir: str = "data/templates"
+    conversations: int = Field(3000, ge=1)
+    max_turns: int = Field(4, ge=1)
+
+
+class Export(Section):
+    path: str = Field(min_length=1)
+    format: Literal["auto", "whatsapp", "telegram", "signal", "instagram"] = "auto"
+    me: str = Field(min_length=1, description="your own display name in the export: your side is the gpt voice")
+
+
+class Messages(Section):
+    exports: list[Export] = Field(
+        default_factory=lambda: [Export(path="data/sample/messages/whatsapp_chat.txt", me="Sam")]
+    )
+    gap_minutes: float = Field(240.0, gt=0)
+    scrub_pii: bool = True
+    min_turns: int = Field(2, ge=2)
+
+
+# ---------------------------------------------------------------------------------------------- sharegpt
+
+class Sharegpt(Section):
+    extra: list[str] = Field(default_factory=list)
+    weights: dict[Literal["templates", "transcripts", "messages", "extra", "emotion"], float] = Field(
+        default_factory=lambda: {"templates": 1.0, "transcripts": 1.0, "messages": 1.0, "extra": 1.0, "emotion": 1.0}
+    )
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    max_value_chars: int = Field(8000, ge=1)
+
+    @model_validator(mode="after")
+    def _weights(self) -> "Sharegpt":
+        for k, w in self.weights.items():
+            if w < 0:
+                raise ValueError(f"weights.{k}: must be >= 0 (got {w})")
+        return self
+
+
+class EmotionDataset(Section):
+    kind: Literal["goemotions", "dailydialog"]
+    path: str = Field(min_length=1, description="a GoEmotions .tsv, or a DailyDialog dialogues_*.txt(.gz)")
+    max_rows: int | None = Field(None, ge=1)
+
+
+class Emotion(Section):
+    datasets: list[EmotionDataset] = Field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------- root
+
+class Params(Section):
+    seed: int = Field(1337, ge=0)
+    persona: Persona = Persona()
+    corpus: Corpus = Corpus()
+    filter: Filter = Filter()
+    youtube: Youtube = Youtube()
+    templates: Templates = Templates()
+    messages: Messages = Messages()
+    sharegpt: Sharegpt = Sharegpt()
+    emotion: Emotion = Emotion()
+
+
+_MESSAGES = {
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}",
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "literal_error": "must be one of {expected}",
+    "string_too_short": "must not be empty",
+    "too_short": "must have at least {min_length} item(s)",
+    "string_pattern_mismatch": "must match {pattern}",
+    "union_tag_invalid": "unknown kind (expected one of {expected_tags})",
+    "union_tag_not_found": "needs a 'kind' key",
+}
+
+
+def _format_loc(loc: tuple, tags: set[str]) -> str:
+    """`('corpus', 'sources', 0, 'http', 'url')` -> `corpus.sources[0].url` (drops union tags)."""
+    out = ""
+    prev_index = False
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            prev_index = True
+            continue
+        if prev_index and part in tags:
+            prev_index = False
+            continue
+        prev_index = False
+        out += ("." if out else "") + str(part)
+    return out
+
+
+def format_error(err: dict, path: str = "params.yaml") -> str:
+    ctx = err.get("ctx") or {}
+    template = _MESSAGES.get(err["type"])
+    msg = template.format(**ctx) if template else err["msg"]
+    if err["type"] == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+    key = _format_loc(err["loc"], tags={"local", "http", "hf"})
+    if err["type"] == "value_error" and ": " in msg and not key.endswith(msg.split(": ", 1)[0]):
+        sub, msg = msg.split(": ", 1)
+        key = f"{key}.{sub}" if key else sub
+    got = err.get("input")
+    suffix = "" if err["type"] in ("missing", "value_error") or isinstance(got, dict) else f" (got {got!r})"
+    return f"{path}: {key}: {msg}{suffix}"
+
+
+def parse_params(data: dict | None, path: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise ParamsError with one line per problem, first problem first."""
+    try:
+        return Params.model_validate(data or {})
+    except ValidationError as e:
+        raise ParamsError("\n".join(format_error(err, path) for err in e.errors())) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found (run from the project root)") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ParamsError(f"{path}: top level must be a mapping")
+    return parse_params(data, str(path))
