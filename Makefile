@@ -9,6 +9,8 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
+# Stage commands say `python`: make it the environment's.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup repro test bench clean
 
