@@ -1,0 +1,57 @@
+"""params.yaml is validated before any work, with one line naming the offending key."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from persona_lm.errors import ParamsError
+from persona_lm.params import Params, load_params, parse_params
+
+
+def test_repo_params_are_the_schema_defaults(root):
+    assert load_params(root / "params.yaml") == Params()
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"filter": {"min_words": -3}}, "params.yaml: filter.min_words: must be >= 0 (got -3)"),
+    ({"filter": {"min_word": 3}}, "params.yaml: filter.min_word: unknown key"),
+    ({"seed": "x"}, "params.yaml: seed: must be an integer"),
+    ({"corpus": {"sources": [{"kind": "ftp", "path": "x"}]}}, "params.yaml: corpus.sources[0]: unknown kind"),
+    ({"corpus": {"sources": [{"kind": "http", "url": "http://x", "sha256": "zz"}]}},
+     "params.yaml: corpus.sources[0].sha256: must match"),
+    ({"messages": {"exports": [{"path": "a.txt"}]}}, "params.yaml: messages.exports[0].me: required key is missing"),
+    ({"messages": {"exports": [{"path": "a", "me": "x", "format": "icq"}]}},
+     "params.yaml: messages.exports[0].format: must be one of"),
+    ({"persona": {"emotions": ["joy", "joy", "neutral"]}}, "params.yaml: persona.emotions: labels must be unique"),
+    ({"filter": {"min_words": 10, "max_words": 5}}, "params.yaml: filter.min_words: must be <= max_words"),
+    ({"sharegpt": {"weights": {"templates": -1}}}, "params.yaml: sharegpt.weights.templates: must be >= 0"),
+])
+def test_bad_params_name_the_key(data, message):
+    with pytest.raises(ParamsError) as e:
+        parse_params(data)
+    assert str(e.value).splitlines()[0].startswith(message)
+
+
+def test_yaml_errors_are_one_line(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("filter: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(p)
+    p.write_text("- a list\n")
+    with pytest.raises(ParamsError, match="top level must be a mapping"):
+        load_params(p)
+
+
+def test_stage_fails_before_work_on_bad_params(root, tmp_path):
+    """A stage run with a bad params.yaml exits 1 with the one-line message and writes nothing."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["filter"]["min_words"] = -3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run([sys.executable, str(root / "stages" / "expand_templates.py")], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "params.yaml: filter.min_words: must be >= 0 (got -3)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]
