@@ -31,7 +31,10 @@ class InputError(PersonaError):
 
 
 class Skips:
-    """Counts skipped inputs by reason and logs each one once, with where it came from."""
+    """Counts skipped inputs by reason; logs the first few of each reason with where they came from, so a
+    dataset with thousands of skips of one kind stays readable (the full counts go in the reports)."""
+
+    LOG_FIRST = 5
 
     def __init__(self, what: str):
         self.what = what
@@ -39,7 +42,10 @@ class Skips:
 
     def add(self, reason: str, where: str = "") -> None:
         self.counts[reason] += 1
-        log.warning("skipped %s%s: %s", self.what, f" {where}" if where else "", reason)
+        n = self.counts[reason]
+        if n <= self.LOG_FIRST:
+            more = " (further skips for this reason are counted, not logged)" if n == self.LOG_FIRST else ""
+            log.warning("skipped %s%s: %s%s", self.what, f" {where}" if where else "", reason, more)
 
     @property
     def total(self) -> int:

@@ -12,7 +12,8 @@ from persona_lm.params import Params, load_params
 
 def run(main: Callable[[Params], None], params_path: str = "params.yaml") -> None:
     """Load and validate params before any work, then call `main`; a PersonaError ends the stage cleanly."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("persona_lm").setLevel(logging.INFO)
     name = getattr(main, "__module__", "stage")
     try:
         main(load_params(params_path))
