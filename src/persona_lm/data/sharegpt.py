@@ -3,6 +3,11 @@
 A row is `{"id", "source", "conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...],
 "emotions": [label or None for each gpt turn]}`. Messages carry exactly `from` and `value` (unsloth's
 reader rejects more); labels and provenance are top-level fields of the row.
+
+Files as people download them come in three shapes: JSON lines, a JSON array, or one JSON object. `iter_file`
+reads all three and reports the real line each conversation starts on, so every problem can be cited as
+`file:line`. `import_conversation` turns a conversation from another tool's dialect (user/assistant roles,
+OpenAI-style role/content keys, extra per-message keys) into our strict form.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,6 +23,13 @@ from persona_lm.errors import InputError
 from persona_lm.io import read_text
 
 ROLES = ("system", "human", "gpt")
+
+# Role spellings of the common chat tools, mapped to ours. Anything else is refused, not guessed.
+ROLE_ALIASES = {
+    "human": "human", "user": "human",
+    "gpt": "gpt", "assistant": "gpt", "chatgpt": "gpt", "bing": "gpt", "bard": "gpt", "model": "gpt",
+    "system": "system",
+}
 
 
 def conversation_key(conversations: list[dict]) -> str:
@@ -87,41 +100,133 @@ def check_row(row: Any, labels: set[str] | None = None) -> list[str]:
     return problems
 
 
-def iter_file(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line or item number, object) from a ShareGPT .jsonl, a JSON array or a single JSON object.
+def import_conversation(obj: Any, notes: Counter | None = None) -> list[dict]:
+    """One conversation from another tool's dialect -> our strict turns; ValueError(reason) if unusable.
 
-    A JSON line that does not parse is yielded as an InputError so callers can count or report it.
+    Accepts `conversations` (ShareGPT) or `messages` (OpenAI) lists with `from`/`value` or `role`/`content`
+    keys. Role aliases are mapped and counted in `notes`; other per-message keys (e.g. "markdown") are
+    dropped. A leading gpt turn (a greeting with nothing to answer) is dropped and counted, because training
+    on a reply needs a human turn before it. Unknown roles and empty values refuse the whole conversation:
+    patching them would teach the model a dialogue that never happened.
+    """
+    notes = notes if notes is not None else Counter()
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    conv = obj.get("conversations", obj.get("messages"))
+    if not isinstance(conv, list) or not conv:
+        raise ValueError("no 'conversations' list")
+    out = []
+    for m in conv:
+        if not isinstance(m, dict):
+            raise ValueError("a turn is not an object")
+        spelt = m.get("from", m.get("role"))
+        value = m.get("value", m.get("content"))
+        role = ROLE_ALIASES.get(spelt.strip().lower()) if isinstance(spelt, str) else None
+        if role is None:
+            raise ValueError(f"unknown role {spelt!r}")
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("empty value")
+        if spelt != role:
+            notes[f"role {spelt} -> {role}"] += 1
+        out.append({"from": role, "value": value})
+    start = 1 if out[0]["from"] == "system" else 0
+    if len(out) > start and out[start]["from"] == "gpt":
+        del out[start]
+        notes["leading gpt turn dropped"] += 1
+    if len(out) == start:
+        raise ValueError("no human turn")
+    problems = check_row({"conversations": out})
+    if problems:
+        raise ValueError(problems[0])
+    return out
+
+
+def _iter_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """Items of a JSON array with the line each starts on; a syntax error anywhere is an InputError."""
+    decoder = json.JSONDecoder()
+    n, pos, line, counted = len(text), text.index("[") + 1, 1, 0
+
+    def skip_ws(p: int) -> int:
+        while p < n and text[p] in " \t\r\n":
+            p += 1
+        return p
+
+    def fail(msg: str, at: int):
+        return InputError(path, f"invalid JSON: {msg}", line=text.count("\n", 0, at) + 1)
+
+    pos = skip_ws(pos)
+    if pos < n and text[pos] == "]":
+        return
+    while True:
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise fail(e.msg, e.pos) from None
+        line += text.count("\n", counted, pos)
+        counted = pos
+        yield line, obj
+        pos = skip_ws(end)
+        if pos < n and text[pos] == ",":
+            pos = skip_ws(pos + 1)
+        elif pos < n and text[pos] == "]":
+            if skip_ws(pos + 1) != n:
+                raise fail("extra data after the array", skip_ws(pos + 1))
+            return
+        else:
+            raise fail("expected ',' or ']'", pos)
+
+
+def _first_line_is_json(text: str) -> bool:
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def iter_file(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line, object) from a ShareGPT .jsonl, a JSON array or a single (pretty-printed) JSON object.
+
+    The shape is read from the content, not the suffix, because downloads named .json are often JSON lines.
+    In JSON lines a line that does not parse is yielded as an InputError so callers can count or report it;
+    in a JSON document a syntax error makes the whole file unreadable and is raised.
     """
     path = Path(path)
     text = read_text(path)
     stripped = text.lstrip()
     if not stripped:
         return
-    if path.suffix == ".json" or (stripped[0] == "[" and path.suffix != ".jsonl"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(path, f"invalid JSON: {e.msg}", line=e.lineno) from None
-        items = data if isinstance(data, list) else [data]
-        yield from enumerate(items, 1)
+    if stripped[0] == "[" and path.suffix != ".jsonl":
+        yield from _iter_array(path, text)
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield lineno, InputError(path, f"invalid JSON: {e.msg}", line=lineno)
+    if path.suffix == ".jsonl" or _first_line_is_json(text):
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, InputError(path, f"invalid JSON: {e.msg}", line=lineno)
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(path, f"invalid JSON: {e.msg}", line=e.lineno) from None
+    yield text[: len(text) - len(stripped)].count("\n") + 1, data
 
 
 def check_file(path: str | Path, labels: set[str] | None = None) -> list[str]:
     """Per-line problems of a ShareGPT file, as `path:line: reason` strings (empty when valid)."""
     report = []
     n = 0
-    for where, obj in iter_file(path):
-        n += 1
-        problems = [obj.reason] if isinstance(obj, InputError) else check_row(obj, labels)
-        report.extend(f"{path}:{where}: {p}" for p in problems)
+    try:
+        for where, obj in iter_file(path):
+            n += 1
+            problems = [obj.reason] if isinstance(obj, InputError) else check_row(obj, labels)
+            report.extend(f"{path}:{where}: {p}" for p in problems)
+    except InputError as e:
+        return report + [str(e)]
     if n == 0:
         report.append(f"{path}: no conversations")
     return report
