@@ -52,6 +52,7 @@ class Persona(Section):
 class LocalSource(Section):
     kind: Literal["local"]
     path: str = Field(min_length=1)
+    text_column: str = "text"
     max_docs: int | None = Field(None, ge=1)
     max_bytes: int | None = Field(None, ge=1)
 
@@ -238,8 +239,86 @@ class EmotionDataset(Section):
     max_rows: int | None = Field(None, ge=1)
 
 
-class Emotion(Section):
+# --------------------------------------------------------------------------------------- tokenizer, model
+
+class TokenizerParams(Section):
+    kind: Literal["bpe", "char"] = "bpe"
+    vocab_size: int = Field(2048, ge=64, le=1_000_000)
+    min_frequency: int = Field(2, ge=1)
+
+
+class Model(Section):
+    """Architecture. GPT-2 family: learned + layernorm + gelu; Llama family: rope + rmsnorm + swiglu."""
+
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_kv_head: int = Field(4, ge=1)
+    n_embd: int = Field(128, ge=8)
+    block_size: int = Field(256, ge=8)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    bias: bool = False
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp_hidden: int = Field(0, ge=0, description="0 = 4*n_embd for gelu, ~8/3*n_embd for swiglu")
+    pos: Literal["learned", "rope"] = "learned"
+    rope_theta: float = Field(10000.0, gt=0)
+    tie_embeddings: bool = True
+    n_personas: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "Model":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd: must be divisible by n_head ({self.n_head}) (got {self.n_embd})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head: must divide n_head ({self.n_head}) (got {self.n_kv_head})")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"pos: rope needs an even head size, n_embd/n_head = {self.n_embd // self.n_head}")
+        return self
+
+
+class Phase(Section):
+    """Optimisation settings shared by the three training phases."""
+
+    max_iters: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0)
+    warmup_iters: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="0 = no clipping")
+    eval_interval: int = Field(100, ge=1)
+    eval_iters: int = Field(10, ge=1)
+    ckpt_interval: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    compile: bool = False
+    grad_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _lrs(self) -> "Phase":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr: must be <= lr ({self.lr}) (got {self.min_lr})")
+        return self
+
+
+class Pretrain(Phase):
+    personal_mix: float = Field(0.05, ge=0, le=1, description="share of sequences drawn from personal voice text")
+
+
+class Finetune(Phase):
+    replay: float = Field(0.1, ge=0, le=1, description="share of batches that replay corpus text")
+
+
+class Emotion(Phase):
+    """Emotion-labelled data sources, and phase 3 (the emotion head) settings."""
+
     datasets: list[EmotionDataset] = Field(default_factory=list)
+    lm_weight: float = Field(0.5, ge=0, description="weight of the LM loss next to the emotion loss")
+    freeze_backbone: bool = False
 
 
 # ------------------------------------------------------------------------------------------------- root
@@ -254,6 +333,10 @@ class Params(Section):
     messages: Messages = Messages()
     sharegpt: Sharegpt = Sharegpt()
     emotion: Emotion = Emotion()
+    tokenizer: TokenizerParams = TokenizerParams()
+    model: Model = Model()
+    pretrain: Pretrain = Pretrain()
+    finetune: Finetune = Finetune()
 
 
 _MESSAGES = {
