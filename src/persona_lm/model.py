@@ -1,0 +1,251 @@
+"""The one model: a decoder-only transformer whose every architectural choice comes from params `model.*`.
+
+GPT-2 family = learned positions + LayerNorm + GELU MLP; Llama family = RoPE + RMSNorm + SwiGLU, with
+grouped-query attention (n_kv_head < n_head) available to both. On top of the language model sit two small
+additions: a learned persona embedding added to every input position (one model can hold several personas),
+and an emotion head that classifies a reply from the hidden state that predicts its end-of-turn marker: in a
+causal model that position has read the whole reply, and during generation it is computed anyway.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False
+    norm: str = "layernorm"      # layernorm | rmsnorm
+    mlp: str = "gelu"            # gelu | swiglu
+    mlp_hidden: int = 0          # 0 = the family default: 4 * n_embd (gelu), ~8/3 * n_embd (swiglu)
+    pos: str = "learned"         # learned | rope
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    n_personas: int = 1
+    n_emotions: int = 0
+
+    def __post_init__(self):
+        assert self.n_embd % self.n_head == 0, "n_embd must be divisible by n_head"
+        assert self.n_head % self.n_kv_head == 0, "n_head must be divisible by n_kv_head"
+        assert self.pos != "rope" or self.head_dim % 2 == 0, "rope needs an even head size"
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return 32 * math.ceil(8 * self.n_embd / 3 / 32)  # SwiGLU: 2/3 of 4x keeps the parameter count
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=1e-5)
+    return nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
+
+
+def rope_tables(cfg: GPTConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (length, head_dim) in the rotate-half layout that Hugging Face's Llama uses."""
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim))
+    freqs = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        kv = cfg.n_kv_head * cfg.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, cache=None):
+        B, T, _ = x.shape
+        cfg = self.cfg
+        kv = cfg.n_kv_head * cfg.head_dim
+        q, k, v = self.c_attn(x).split([cfg.n_embd, kv, kv], dim=-1)
+        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        mask, causal = None, True
+        if cache is not None:
+            start = cache.length
+            k, v = cache.append(self.layer, k, v)
+            if start > 0:
+                causal = False
+                if T > 1:  # a new chunk on top of a filled cache: causal within the chunk, full over the past
+                    mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start)
+        if cfg.n_kv_head != cfg.n_head:
+            rep = cfg.n_head // cfg.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                           dropout_p=cfg.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, cfg.n_embd)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        hidden = cfg.hidden_dim
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's own GELU; also cheaper than the erf form
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1, self.attn = make_norm(cfg), Attention(cfg, layer)
+        self.ln_2, self.mlp = make_norm(cfg), MLP(cfg)
+
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.persona = nn.Embedding(cfg.n_personas, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            # Tying input and output embeddings saves vocab*n_embd parameters and helps small models.
+            self.lm_head.weight = self.wte.weight
+        self.emotion_head = nn.Linear(cfg.n_embd, cfg.n_emotions) if cfg.n_emotions else None
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg, cfg.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.grad_checkpointing = False
+        # GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2*n_layer) so the
+        # residual stream's variance does not grow with depth; the persona embedding starts at zero so a
+        # single-persona model is exactly a plain LM.
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        nn.init.zeros_(self.persona.weight)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def hidden(self, idx: torch.Tensor, persona: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Final normalised hidden states (B, T, n_embd). `cache` (see generate.KVCache) enables decoding."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        if persona is not None:
+            x = x + self.persona(persona).unsqueeze(1)
+        x = self.drop(x)
+        rope = None
+        if self.cfg.pos == "rope":
+            rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, rope, None, use_reentrant=False)
+            else:
+                x = block(x, rope, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.ln_f(x)
+
+    def forward(self, idx, persona=None, cache=None, emotion_index=None):
+        """Next-token logits for every position, and emotion logits at `emotion_index` (B,) when given.
+
+        Losses are computed by the caller (train.loop), which knows how to normalise them across
+        micro-batches; going through forward() keeps DDP's gradient hooks in the path.
+        """
+        h = self.hidden(idx, persona, cache)
+        logits = self.lm_head(h)
+        if emotion_index is None:
+            return logits, None
+        if self.emotion_head is None:
+            raise ValueError("this model has no emotion head (n_emotions = 0)")
+        return logits, self.emotion_head(h[torch.arange(h.shape[0], device=h.device), emotion_index])
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters per component (tied weights counted once), for the metrics."""
+        groups = {"embedding": 0, "position": 0, "persona": 0, "attention": 0, "mlp": 0, "norm": 0,
+                  "lm_head": 0, "emotion_head": 0}
+        for name, p in self.named_parameters():  # named_parameters() yields a tied tensor once
+            n = p.numel()
+            if name.startswith("wte"):
+                groups["embedding"] += n
+            elif name.startswith("wpe"):
+                groups["position"] += n
+            elif name.startswith("persona"):
+                groups["persona"] += n
+            elif ".attn." in name:
+                groups["attention"] += n
+            elif ".mlp." in name:
+                groups["mlp"] += n
+            elif name.startswith("lm_head"):
+                groups["lm_head"] += n
+            elif name.startswith("emotion_head"):
+                groups["emotion_head"] += n
+            else:
+                groups["norm"] += n
+        groups["total"] = sum(groups.values())
+        return groups
