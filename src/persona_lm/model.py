@@ -24,7 +24,7 @@ class GPTConfig:
     block_size: int = 256
     n_layer: int = 4
     n_head: int = 4
-    n_kv_head: int = 4
+    n_kv_head: int = 0           # 0 = n_head (plain multi-head); fewer = grouped-query attention
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False
@@ -38,6 +38,7 @@ class GPTConfig:
     n_emotions: int = 0
 
     def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
         assert self.n_embd % self.n_head == 0, "n_embd must be divisible by n_head"
         assert self.n_head % self.n_kv_head == 0, "n_head must be divisible by n_kv_head"
         assert self.pos != "rope" or self.head_dim % 2 == 0, "rope needs an even head size"
@@ -196,7 +197,9 @@ class GPT(nn.Module):
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-        if persona is not None:
+        if persona is None:  # persona 0 by default, so the embedding is always part of the graph
+            x = x + self.persona.weight[0]
+        else:
             x = x + self.persona(persona).unsqueeze(1)
         x = self.drop(x)
         rope = None

@@ -252,7 +252,7 @@ class Model(Section):
 
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
-    n_kv_head: int = Field(4, ge=1)
+    n_kv_head: int | None = Field(None, ge=1, description="null = n_head; fewer = grouped-query attention")
     n_embd: int = Field(128, ge=8)
     block_size: int = Field(256, ge=8)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -269,7 +269,7 @@ class Model(Section):
     def _shapes(self) -> "Model":
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd: must be divisible by n_head ({self.n_head}) (got {self.n_embd})")
-        if self.n_head % self.n_kv_head:
+        if self.n_kv_head and self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head: must divide n_head ({self.n_head}) (got {self.n_kv_head})")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"pos: rope needs an even head size, n_embd/n_head = {self.n_embd // self.n_head}")
@@ -310,6 +310,8 @@ class Pretrain(Phase):
 
 
 class Finetune(Phase):
+    lr: float = Field(5e-4, gt=0)
+    min_lr: float = Field(5e-5, ge=0)
     replay: float = Field(0.1, ge=0, le=1, description="share of batches that replay corpus text")
 
 
@@ -317,8 +319,38 @@ class Emotion(Phase):
     """Emotion-labelled data sources, and phase 3 (the emotion head) settings."""
 
     datasets: list[EmotionDataset] = Field(default_factory=list)
+    max_iters: int = Field(150, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    min_lr: float = Field(5e-5, ge=0)
+    warmup_iters: int = Field(10, ge=0)
+    eval_interval: int = Field(50, ge=1)
+    ckpt_interval: int = Field(50, ge=1)
     lm_weight: float = Field(0.5, ge=0, description="weight of the LM loss next to the emotion loss")
     freeze_backbone: bool = False
+
+
+class PersonaCheck(Section):
+    prompt: str = Field(min_length=1)
+    expect: str = Field(min_length=1, description="text the reply must contain; {name} = persona.name")
+
+
+class Eval(Section):
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(0.8, ge=0, description="for samples; persona checks decode greedily")
+    top_k: int = Field(40, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    repetition_penalty: float = Field(1.1, ge=1)
+    corpus_max_tokens: int = Field(100_000, ge=1, description="cap on corpus val tokens for bits per byte")
+    prompts: list[str] = Field(default_factory=lambda: [
+        "Hi! Who are you?", "How are you feeling today?", "*pokes you*", "Can you help me plan my afternoon?",
+        "I had a really bad day.", "Tell me a joke!", "*drags you to the corner of the screen*", "Good night!",
+    ], min_length=1)
+    persona_checks: list[PersonaCheck] = Field(default_factory=lambda: [
+        PersonaCheck(prompt="What's your name?", expect="{name}"),
+        PersonaCheck(prompt="Who are you?", expect="{name}"),
+        PersonaCheck(prompt="Hello! What should I call you?", expect="{name}"),
+        PersonaCheck(prompt="Can you tell me your name, please?", expect="{name}"),
+    ])
 
 
 # ------------------------------------------------------------------------------------------------- root
@@ -337,6 +369,7 @@ class Params(Section):
     model: Model = Model()
     pretrain: Pretrain = Pretrain()
     finetune: Finetune = Finetune()
+    eval: Eval = Eval()
 
 
 _MESSAGES = {

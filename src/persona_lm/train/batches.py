@@ -1,0 +1,132 @@
+"""Phase-specific batches: corpus sequences (pretrain), rendered conversations (finetune), labelled replies
+(train_emotion).
+
+Labels are shifted exactly once, here: a sequence of n+1 tokens gives inputs `ids[:-1]` and targets
+`ids[1:]`; the model never shifts. Targets are -100 wherever no loss is wanted (prompt tokens, padding).
+Sampling is stateless: batch `step` of rank `rank` draws from a generator seeded by (seed, split, step,
+rank), so a resumed run sees exactly the batches an uninterrupted one would, with no sampler state to save.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+_SPLIT_SALT = {"train": 0, "val": 1}
+
+
+def generator(seed: int, split: str, step: int, rank: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + _SPLIT_SALT[split]) * 1_000_033 + step) * 257 + rank)
+
+
+def sample_windows(stream: torch.Tensor, n: int, block_size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random windows of block_size+1 tokens from a 1-D token stream -> (inputs, targets)."""
+    if stream.numel() <= block_size + 1:
+        reps = (block_size + 2) // max(stream.numel(), 1) + 1
+        stream = stream.repeat(reps)
+    starts = torch.randint(0, stream.numel() - block_size - 1, (n,), generator=g)
+    idx = starts[:, None] + torch.arange(block_size + 1)
+    windows = stream[idx]
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def pad_sequences(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) pairs of n+1 tokens -> right-padded (inputs, targets) with targets -100 where mask is 0."""
+    T = max(len(ids) for ids, _ in seqs) - 1
+    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    y = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
+    for b, (ids, mask) in enumerate(seqs):
+        n = len(ids) - 1
+        x[b, :n] = torch.tensor(ids[:-1])
+        tgt = torch.tensor(ids[1:])
+        keep = torch.tensor(mask[1:], dtype=torch.bool)
+        y[b, :n] = torch.where(keep, tgt, IGNORE)
+    return x, y
+
+
+@dataclass
+class CorpusBatches:
+    """Pretraining: windows from the corpus stream, a `personal_mix` share from the personal-voice stream."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    personal: torch.Tensor | None
+    personal_mix: float
+    batch_size: int
+    block_size: int
+    seed: int
+
+    def get(self, split: str, step: int, rank: int = 0) -> dict:
+        g = generator(self.seed, split, step, rank)
+        if split == "val" or self.personal is None or self.personal_mix == 0:
+            x, y = sample_windows(self.train if split == "train" else self.val, self.batch_size, self.block_size, g)
+            return {"x": x, "y": y}
+        n_personal = int((torch.rand(self.batch_size, generator=g) < self.personal_mix).sum())
+        x, y = sample_windows(self.train, self.batch_size - n_personal, self.block_size, g)
+        if n_personal:
+            px, py = sample_windows(self.personal, n_personal, self.block_size, g)
+            x, y = torch.cat([x, px]), torch.cat([y, py])
+        return {"x": x, "y": y}
+
+
+def crop(ids: list[int], mask: list[int], block_size: int) -> tuple[list[int], list[int]]:
+    """Keep the first block_size+1 tokens: the system prompt and the opening turns are what chat sees first."""
+    return ids[: block_size + 1], mask[: block_size + 1]
+
+
+@dataclass
+class ChatBatches:
+    """Finetuning: rendered conversations with loss on assistant tokens only, plus optional corpus replay."""
+
+    train: list[tuple[list[int], list[int]]]
+    val: list[tuple[list[int], list[int]]]
+    corpus: torch.Tensor | None
+    replay: float
+    batch_size: int
+    block_size: int
+    pad_id: int
+    seed: int
+
+    def get(self, split: str, step: int, rank: int = 0) -> dict:
+        g = generator(self.seed, split, step, rank)
+        pool = self.train if split == "train" else self.val
+        if split == "train" and self.corpus is not None and self.replay > 0:
+            if float(torch.rand(1, generator=g)) < self.replay:
+                x, y = sample_windows(self.corpus, self.batch_size, self.block_size, g)
+                return {"x": x, "y": y}
+        picks = torch.randint(0, len(pool), (self.batch_size,), generator=g).tolist()
+        x, y = pad_sequences([crop(*pool[i], self.block_size) for i in picks], self.pad_id)
+        return {"x": x, "y": y}
+
+
+@dataclass
+class EmotionBatches:
+    """Emotion phase: each example is a conversation up to a labelled reply; the head reads the position that
+    predicts the reply's end-of-turn token, and the LM loss on the reply keeps the model a good speaker."""
+
+    train: list[tuple[list[int], list[int], int]]   # (ids, mask, label) with ids ending at the reply's <|end|>
+    val: list[tuple[list[int], list[int], int]]
+    batch_size: int
+    block_size: int
+    pad_id: int
+    seed: int
+
+    def get(self, split: str, step: int, rank: int = 0) -> dict:
+        g = generator(self.seed, split, step, rank)
+        pool = self.train if split == "train" else self.val
+        picks = torch.randint(0, len(pool), (self.batch_size,), generator=g).tolist()
+        return collate_emotion([pool[i] for i in picks], self.block_size, self.pad_id)
+
+
+def collate_emotion(examples, block_size: int, pad_id: int) -> dict:
+    """Crop each example from the left (the reply is at the end), pad, and point at the <|end|>-predicting slot."""
+    seqs, labels, index = [], [], []
+    for ids, mask, label in examples:
+        ids, mask = ids[-(block_size + 1):], mask[-(block_size + 1):]
+        seqs.append((ids, mask))
+        labels.append(label)
+        index.append(len(ids) - 2)
+    x, y = pad_sequences(seqs, pad_id)
+    return {"x": x, "y": y, "emotion_index": torch.tensor(index), "emotion_label": torch.tensor(labels)}

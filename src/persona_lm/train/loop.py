@@ -1,0 +1,237 @@
+"""The one training loop, shared by pretrain, finetune and train_emotion.
+
+AdamW (weight decay on >=2-D weights only), linear warmup then cosine decay, gradient clipping, gradient
+accumulation normalised by the *total* target count of all micro-batches (so k micro-batches give exactly
+the gradient of one k-times batch), fp32/bf16/fp16 autocast (GradScaler for fp16 on CUDA), optional
+gradient checkpointing and torch.compile, DDP under torchrun, dvclive logging, and resumable checkpoints.
+A non-finite loss stops the phase before the optimizer step, so broken weights are never written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from persona_lm.errors import PersonaError
+from persona_lm.train import checkpoint, distributed
+from persona_lm.train.batches import IGNORE
+
+log = logging.getLogger("persona_lm.train")
+
+
+class TrainingError(PersonaError):
+    pass
+
+
+def resolve_device(pref: str) -> str:
+    if pref != "auto":
+        if pref == "cuda" and not torch.cuda.is_available():
+            raise TrainingError("device: cuda requested but no CUDA device is available")
+        if pref == "mps" and not torch.backends.mps.is_available():
+            raise TrainingError("device: mps requested but MPS is not available")
+        return pref
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_precision(pref: str, device: str) -> torch.dtype:
+    """auto = bf16 on CUDA when supported, else fp16 on CUDA, fp32 elsewhere (CPU autocast gains nothing here)."""
+    if pref == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[pref]
+
+
+def lr_at(step: int, phase) -> float:
+    if step < phase.warmup_iters:
+        return phase.lr * (step + 1) / (phase.warmup_iters + 1)
+    progress = (step - phase.warmup_iters) / max(1, phase.max_iters - phase.warmup_iters)
+    return phase.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (phase.lr - phase.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, phase, device: str) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": phase.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=phase.lr, betas=(phase.beta1, phase.beta2),
+                             fused=device == "cuda" or None)
+
+
+def batch_loss(model, batch: dict, n_tokens: float, n_labels: float, lm_weight: float):
+    """Sum-reduced losses divided by the global counts: the pieces of one exact mean over the whole step."""
+    logits, emo = model(batch["x"], emotion_index=batch.get("emotion_index"))
+    lm = F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten(), ignore_index=IGNORE,
+                         reduction="sum") / max(n_tokens, 1.0)
+    if emo is None:
+        return lm, {"lm": lm.detach()}
+    em = F.cross_entropy(emo.float(), batch["emotion_label"], reduction="sum") / max(n_labels, 1.0)
+    correct = (emo.argmax(-1) == batch["emotion_label"]).sum().detach()
+    return em + lm_weight * lm, {"lm": lm.detach(), "emotion": em.detach(), "correct": correct}
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@dataclass
+class PhaseResult:
+    step: int
+    train_loss: float
+    val_loss: float
+    tokens_per_s: float
+    resumed_from: int | None
+    extra: dict
+
+
+@torch.no_grad()
+def evaluate(model, batches, phase, device, autocast, lm_weight: float) -> dict:
+    model.eval()
+    totals = {"lm": 0.0, "emotion": 0.0, "correct": 0.0, "labels": 0.0}
+    for i in range(phase.eval_iters):
+        batch = to_device(batches.get("val", i), device)
+        n_tok = float((batch["y"] != IGNORE).sum())
+        n_lab = float(batch["emotion_label"].numel()) if "emotion_label" in batch else 0.0
+        with autocast:
+            _, parts = batch_loss(model, batch, n_tok, n_lab, lm_weight)
+        totals["lm"] += float(parts["lm"])
+        if "emotion" in parts:
+            totals["emotion"] += float(parts["emotion"])
+            totals["correct"] += float(parts["correct"])
+            totals["labels"] += n_lab
+    model.train()
+    out = {"lm_loss": totals["lm"] / phase.eval_iters}
+    if totals["labels"]:
+        out["emotion_loss"] = totals["emotion"] / phase.eval_iters
+        out["emotion_acc"] = totals["correct"] / totals["labels"]
+    out["loss"] = out.get("emotion_loss", 0.0) + (lm_weight if totals["labels"] else 1.0) * out["lm_loss"]
+    return out
+
+
+def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: str, meta: dict,
+          name: str, lm_weight: float = 1.0) -> PhaseResult:
+    """Run `phase.max_iters` optimizer steps, resuming from the newest intact checkpoint in `ckpt_dir` that
+    was written with the same `params_hash` (params and input data), else starting fresh."""
+    from dvclive import Live
+    from tqdm import tqdm
+
+    device = resolve_device(phase.device)
+    dd = distributed.setup(device)
+    if dd.enabled and device == "cuda":
+        device = f"cuda:{dd.local_rank}"
+    dtype = resolve_precision(phase.precision, device.split(":")[0])
+    autocast = (torch.autocast(device_type=device.split(":")[0], dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 and device.startswith("cuda"))
+
+    raw = model.to(device)
+    raw.grad_checkpointing = phase.grad_checkpointing
+    optimizer = make_optimizer(raw, phase, device.split(":")[0])
+    step, resumed = 0, None
+    found = checkpoint.latest(ckpt_dir, params_hash)
+    if found:
+        path, ck_meta = found
+        checkpoint.load_weights(raw, path / "model.safetensors")
+        state = checkpoint.load_state(path)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+        if dd.main:
+            torch.set_rng_state(state["rng"])
+        step = resumed = int(state["step"])
+        log.info("%s: resuming from %s (step %d of %d)", name, path, step, phase.max_iters)
+    elif ckpt_dir.exists() and dd.main:
+        checkpoint.clear(ckpt_dir)
+    if not dd.main:
+        torch.manual_seed(meta.get("seed", 0) + 7919 * dd.rank + step)
+
+    fwd = torch.compile(raw) if phase.compile else raw
+    if dd.enabled:
+        fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dd.local_rank] if device.startswith("cuda") else None)
+    params = [p for p in raw.parameters() if p.requires_grad]
+
+    live = Live(dir=str(meta["live_dir"]), resume=resumed is not None, save_dvc_exp=False, dvcyaml=None,
+                report=None) if dd.main else None
+    bar = tqdm(total=phase.max_iters, initial=step, desc=name, disable=not dd.main, file=sys.stderr,
+               mininterval=1.0 if sys.stderr.isatty() else 15.0, dynamic_ncols=True)
+    log_every = max(1, min(10, phase.eval_interval))
+    train_loss, val = float("nan"), {}
+    tokens, t0, tok_rate = 0, time.perf_counter(), 0.0
+    fwd.train()
+    while step < phase.max_iters:
+        lr = lr_at(step, phase)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = [batches.get("train", step * phase.grad_accum + i, dd.rank) for i in range(phase.grad_accum)]
+        n_tokens = distributed.all_sum(float(sum(int((b["y"] != IGNORE).sum()) for b in micro)), dd, device)
+        n_labels = distributed.all_sum(float(sum(b["emotion_label"].numel() for b in micro if "emotion_label" in b)), dd, device)
+        step_loss = 0.0
+        for i, batch in enumerate(micro):
+            batch = to_device(batch, device)
+            sync = fwd.no_sync() if dd.enabled and i < len(micro) - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    loss, _ = batch_loss(fwd, batch, n_tokens, n_labels, lm_weight)
+                # DDP averages gradients over ranks; the counts above are global, so scale back up.
+                scaler.scale(loss * dd.world_size).backward()
+            step_loss += float(loss.detach())
+            tokens += batch["x"].numel()
+        step_loss = distributed.all_sum(step_loss, dd, device)
+        if not math.isfinite(step_loss):
+            bar.close()
+            raise TrainingError(f"{name}: loss became {step_loss} at step {step + 1}; stopping without writing "
+                                f"weights (try a lower {name}.lr, grad_clip > 0, or precision fp32)")
+        if phase.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, phase.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        train_loss = step_loss
+        bar.update(1)
+        if step % log_every == 0 or step == phase.max_iters:
+            elapsed = time.perf_counter() - t0
+            tok_rate = tokens * dd.world_size / max(elapsed, 1e-9)
+            tokens, t0 = 0, time.perf_counter()
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_rate:,.0f}", refresh=False)
+            if live:
+                live.step = step
+                live.log_metric("train/loss", train_loss)
+                live.log_metric("lr", lr)
+                live.log_metric("tokens_per_s", tok_rate)
+        if step % phase.eval_interval == 0 or step == phase.max_iters:
+            val = evaluate(fwd, batches, phase, device, autocast, lm_weight)
+            if live:
+                live.step = step
+                for k, v in val.items():
+                    live.log_metric(f"val/{k}", v)
+        if live and (step % log_every == 0 or step % phase.eval_interval == 0 or step == phase.max_iters):
+            live.next_step()
+        if step % phase.ckpt_interval == 0 or step == phase.max_iters:
+            if dd.main:
+                state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                         "scaler": scaler.state_dict() if scaler.is_enabled() else {}}
+                checkpoint.save(ckpt_dir, step, raw, state, {**meta, "params_hash": params_hash,
+                                "live_dir": str(meta["live_dir"])}, phase.keep_checkpoints)
+            distributed.barrier(dd)
+    bar.close()
+    if live:
+        live.end()
+    if not val:
+        val = evaluate(fwd, batches, phase, device, autocast, lm_weight)
+    raw.to("cpu")
+    distributed.cleanup(dd)
+    return PhaseResult(step=step, train_loss=train_loss, val_loss=val.get("loss", float("nan")),
+                       tokens_per_s=tok_rate, resumed_from=resumed,
+                       extra={k: v for k, v in val.items() if k != "loss"})

@@ -1,0 +1,146 @@
+"""What the three training stages share: reading their inputs as token data, building or loading the model,
+fingerprinting a run for safe resumption, and writing the phase's model folder and metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from persona_lm.errors import PersonaError
+from persona_lm.io import read_jsonl, write_json
+from persona_lm.model import GPT, GPTConfig
+from persona_lm.params import Params
+from persona_lm.tokenizer import ChatTokenizer
+from persona_lm.train import checkpoint
+from persona_lm.train.loop import PhaseResult
+
+CORPUS = Path("data/interim/corpus.parquet")
+TRANSCRIPTS = Path("data/interim/transcripts.parquet")
+MESSAGES = Path("data/interim/dialogues/messages.jsonl")
+SHAREGPT = Path("data/processed/sharegpt")
+TOKENIZER = Path("models/tokenizer/tokenizer.json")
+CHECKPOINTS = Path("models/.checkpoints")
+
+
+def fingerprint(p: Params, sections: list[str], files: list[Path]) -> str:
+    """Hash of the params sections and input files a phase depends on: a checkpoint is only resumed when
+    both are unchanged, so an edited param or new data never continues a stale run."""
+    h = hashlib.sha256()
+    dump = p.model_dump(mode="json")
+    h.update(json.dumps({s: dump[s] for s in sections}, sort_keys=True).encode())
+    for f in files:
+        for part in sorted(f.rglob("*")) if f.is_dir() else [f]:
+            if part.is_file():
+                h.update(part.name.encode())
+                h.update(hashlib.sha256(part.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def token_stream(tok: ChatTokenizer, texts: list[str]) -> torch.Tensor:
+    """Documents encoded and joined with <|endoftext|>, the boundary the model learns to respect."""
+    ids: list[int] = []
+    for doc in tok.encode_batch(texts):
+        ids += doc + [tok.eot]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def corpus_texts(split: str) -> list[str]:
+    if not CORPUS.exists():
+        raise PersonaError(f"{CORPUS} is missing: run `dvc repro filter_corpus` first")
+    df = pl.read_parquet(CORPUS, columns=["text", "split"])
+    return df.filter(pl.col("split") == split)["text"].to_list()
+
+
+def personal_texts() -> list[str]:
+    """The user's own voice: transcript utterances and their side (gpt) of imported messages."""
+    texts = []
+    if TRANSCRIPTS.exists():
+        df = pl.read_parquet(TRANSCRIPTS, columns=["video_id", "text"])
+        for _, group in df.group_by("video_id", maintain_order=True):
+            texts.append(" ".join(group["text"].to_list()))
+    if MESSAGES.exists():
+        for _, row in read_jsonl(MESSAGES):
+            texts += [m["value"] for m in row["conversations"] if m["from"] == "gpt"]
+    return [t for t in texts if t.strip()]
+
+
+def sharegpt_rows(split: str) -> list[dict]:
+    path = SHAREGPT / f"{split}.jsonl"
+    if not path.exists():
+        raise PersonaError(f"{path} is missing: run `dvc repro build_sharegpt` first")
+    return [row for _, row in read_jsonl(path)]
+
+
+def with_system(p: Params, row: dict) -> list[dict]:
+    turns = row["conversations"]
+    if turns and turns[0]["from"] == "system":
+        return turns
+    return [{"from": "system", "value": p.persona.system_prompt}] + turns
+
+
+def chat_examples(p: Params, tok: ChatTokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """Rendered conversations. Half of them (by a stable hash of the id) carry the emotion of each labelled
+    reply as an input prefix, so the model learns to follow a requested mood and to speak without one."""
+    out = []
+    for row in rows:
+        prefix = zlib.crc32(row["id"].encode()) % 2 == 0
+        ids, mask, _ = tok.render(with_system(p, row), row.get("emotions"), emotion_prefix=prefix)
+        out.append((ids, mask))
+    return out
+
+
+def emotion_examples(p: Params, tok: ChatTokenizer, rows: list[dict]) -> list[tuple[list[int], list[int], int]]:
+    """One example per labelled reply: the conversation up to and including that reply (no emotion prefix)."""
+    index = {label: i for i, label in enumerate(p.persona.emotions)}
+    out = []
+    for row in rows:
+        turns = with_system(p, row)
+        labels = row.get("emotions") or []
+        gpt_seen = 0
+        for k, m in enumerate(turns):
+            if m["from"] != "gpt":
+                continue
+            label = labels[gpt_seen] if gpt_seen < len(labels) else None
+            gpt_seen += 1
+            if label in index:
+                ids, mask, _ = tok.render(turns[: k + 1])
+                out.append((ids, mask, index[label]))
+    return out
+
+
+def new_model(p: Params, tok: ChatTokenizer) -> GPT:
+    torch.manual_seed(p.seed)
+    arch = {**p.model.model_dump(), "n_kv_head": p.model.n_kv_head or p.model.n_head}
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_emotions=len(p.persona.emotions), **arch)
+    model = GPT(cfg)
+    model.emotion_head.requires_grad_(False)  # trained in phase 3 only; frozen it gets no decay and no DDP hook
+    return model
+
+
+def load_phase_model(path: Path, p: Params, emotion_head: bool = False) -> tuple[GPT, ChatTokenizer]:
+    model, tok, config = checkpoint.load_model_dir(path)
+    if config.get("emotions") != p.persona.emotions:
+        raise PersonaError(f"{path} was trained with emotions {config.get('emotions')}, params say "
+                           f"{p.persona.emotions}: rerun the pipeline from pretrain")
+    model.train()
+    model.emotion_head.requires_grad_(emotion_head)
+    return model, tok
+
+
+def finish(p: Params, name: str, model: GPT, result: PhaseResult, out: Path) -> dict:
+    """Write the phase's model folder, its metrics (losses, parameter breakdown: reproducible) and its
+    throughput (reports/speed/: a timing, kept apart so metrics compare exactly across runs)."""
+    checkpoint.save_model_dir(out, model, TOKENIZER, {
+        "emotions": p.persona.emotions, "persona": p.persona.name, "system_prompt": p.persona.system_prompt,
+        "phase": name, "step": result.step, "git_sha": checkpoint.git_sha(),
+    })
+    metrics = {"step": result.step, "train_loss": round(result.train_loss, 4), "val_loss": round(result.val_loss, 4),
+               **{k: round(v, 4) for k, v in result.extra.items()}, "params": model.param_counts()}
+    write_json(Path(f"reports/{name}.json"), metrics)
+    write_json(Path(f"reports/speed/{name}.json"), {"train_tokens_per_s": round(result.tokens_per_s, 1)})
+    return metrics

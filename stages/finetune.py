@@ -1,0 +1,33 @@
+"""Stage finetune (phase 2): the pretrained model learns the persona from ShareGPT train, with loss on the
+assistant's tokens only and an optional share of corpus batches replayed -> models/finetune/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from persona_lm import stage
+from persona_lm.params import Params
+from persona_lm.train import phase
+from persona_lm.train.batches import ChatBatches
+from persona_lm.train.loop import train
+
+OUT = Path("models/finetune")
+
+
+def main(p: Params) -> None:
+    model, tok = phase.load_phase_model(Path("models/pretrain"), p)
+    batches = ChatBatches(
+        train=phase.chat_examples(p, tok, phase.sharegpt_rows("train")),
+        val=phase.chat_examples(p, tok, phase.sharegpt_rows("val")),
+        corpus=phase.token_stream(tok, phase.corpus_texts("train")) if p.finetune.replay > 0 else None,
+        replay=p.finetune.replay, batch_size=p.finetune.batch_size, block_size=p.model.block_size,
+        pad_id=tok.pad, seed=p.seed)
+    inputs = [Path("models/pretrain/model.safetensors"), phase.SHAREGPT, phase.CORPUS]
+    fp = phase.fingerprint(p, ["seed", "persona", "model", "finetune"], inputs)
+    result = train(model, p.finetune, batches, phase.CHECKPOINTS / "finetune", fp,
+                   {"seed": p.seed, "live_dir": "reports/train/finetune"}, "finetune")
+    phase.finish(p, "finetune", model, result, OUT)
+
+
+if __name__ == "__main__":
+    stage.run(main)

@@ -1,0 +1,36 @@
+"""Stage pretrain (phase 1): next-token prediction on the corpus, with the user's own voice (transcripts and
+their side of message exports) mixed in at `pretrain.personal_mix` -> models/pretrain/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from persona_lm import stage
+from persona_lm.params import Params
+from persona_lm.tokenizer import ChatTokenizer
+from persona_lm.train import phase
+from persona_lm.train.batches import CorpusBatches
+from persona_lm.train.loop import train
+
+OUT = Path("models/pretrain")
+
+
+def main(p: Params) -> None:
+    tok = ChatTokenizer.from_file(phase.TOKENIZER)
+    personal = phase.personal_texts()
+    batches = CorpusBatches(
+        train=phase.token_stream(tok, phase.corpus_texts("train")),
+        val=phase.token_stream(tok, phase.corpus_texts("val") or phase.corpus_texts("train")[:1]),
+        personal=phase.token_stream(tok, personal) if personal else None,
+        personal_mix=p.pretrain.personal_mix, batch_size=p.pretrain.batch_size,
+        block_size=p.model.block_size, seed=p.seed)
+    model = phase.new_model(p, tok)
+    inputs = [phase.TOKENIZER, phase.CORPUS, phase.TRANSCRIPTS, phase.MESSAGES]
+    fp = phase.fingerprint(p, ["seed", "persona", "model", "pretrain"], [f for f in inputs if f.exists()])
+    result = train(model, p.pretrain, batches, phase.CHECKPOINTS / "pretrain", fp,
+                   {"seed": p.seed, "live_dir": "reports/train/pretrain"}, "pretrain")
+    phase.finish(p, "pretrain", model, result, OUT)
+
+
+if __name__ == "__main__":
+    stage.run(main)

@@ -1,0 +1,39 @@
+"""Stage train_emotion (phase 3): the emotion head learns to read the mood of a reply, jointly with the LM
+loss at `emotion.lm_weight` (or alone, on a frozen backbone) -> models/final/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from persona_lm import stage
+from persona_lm.errors import PersonaError
+from persona_lm.params import Params
+from persona_lm.train import phase
+from persona_lm.train.batches import EmotionBatches
+from persona_lm.train.loop import train
+
+OUT = Path("models/final")
+
+
+def main(p: Params) -> None:
+    model, tok = phase.load_phase_model(Path("models/finetune"), p, emotion_head=True)
+    train_ex = phase.emotion_examples(p, tok, phase.sharegpt_rows("train"))
+    val_ex = phase.emotion_examples(p, tok, phase.sharegpt_rows("val"))
+    if not train_ex or not val_ex:
+        raise PersonaError(f"train_emotion needs labelled replies in both splits (train {len(train_ex)}, "
+                           f"val {len(val_ex)}): keep templates in the mix or add emotion.datasets")
+    if p.emotion.freeze_backbone:
+        for name, param in model.named_parameters():
+            param.requires_grad = name.startswith("emotion_head")
+    batches = EmotionBatches(train=train_ex, val=val_ex, batch_size=p.emotion.batch_size,
+                             block_size=p.model.block_size, pad_id=tok.pad, seed=p.seed)
+    inputs = [Path("models/finetune/model.safetensors"), phase.SHAREGPT]
+    fp = phase.fingerprint(p, ["seed", "persona", "model", "emotion"], inputs)
+    result = train(model, p.emotion, batches, phase.CHECKPOINTS / "train_emotion", fp,
+                   {"seed": p.seed, "live_dir": "reports/train/emotion"}, "train_emotion",
+                   lm_weight=p.emotion.lm_weight)
+    phase.finish(p, "train_emotion", model, result, OUT)
+
+
+if __name__ == "__main__":
+    stage.run(main)
