@@ -132,7 +132,8 @@ def test_stage_without_urls_opens_no_connection(tmp_path, monkeypatch):
     main = runpy.run_path(str(STAGE))["main"]
     main(parse_params({"youtube": {"urls": []}}))
     assert (tmp_path / "data/raw/youtube").is_dir()
-    assert list((tmp_path / "data/raw/youtube").iterdir()) == []
+    assert [f.name for f in (tmp_path / "data/raw/youtube").iterdir()] == ["archive.txt"]
+    assert (tmp_path / "data/raw/youtube/archive.txt").read_text() == ""
 
 
 @pytest.mark.parametrize("prefer_manual, manual, automatic, expected", [

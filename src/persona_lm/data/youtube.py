@@ -132,6 +132,7 @@ def fetch_transcripts(urls: list[str], out_dir: Path, languages: list[str], pref
                       max_videos: int | None = None) -> FetchResult:
     """Fetch subtitles of new videos into `out_dir`; with no URLs, return before yt-dlp opens anything."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ARCHIVE).touch()  # the archive always exists, so the folder is never an empty DVC output
     result = FetchResult()
     if not urls:
         return result
