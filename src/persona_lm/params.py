@@ -118,6 +118,14 @@ class GopherRepetition(Section):
         default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
     )
 
+    @model_validator(mode="after")
+    def _n_grams(self) -> "GopherRepetition":
+        for name in ("top_n_grams", "dup_n_grams"):
+            for n, frac in getattr(self, name).items():
+                if n < 1 or not 0 <= frac <= 1:
+                    raise ValueError(f"{name}: needs n >= 1 and a fraction in [0, 1] (got {n}: {frac})")
+        return self
+
 
 class C4Quality(Section):
     """Raffel et al. 2020 (C4) rules; line-level rules remove lines, doc-level rules drop the doc."""
