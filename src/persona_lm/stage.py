@@ -14,7 +14,6 @@ def run(main: Callable[[Params], None], params_path: str = "params.yaml") -> Non
     """Load and validate params before any work, then call `main`; a PersonaError ends the stage cleanly."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("persona_lm").setLevel(logging.INFO)
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     name = getattr(main, "__module__", "stage")
     try:
         main(load_params(params_path))

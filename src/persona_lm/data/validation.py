@@ -9,6 +9,7 @@ expressed as ordinary column expectations.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def run_suites(name: str, tables: dict[str, tuple[pl.DataFrame, list]], report_p
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # it sets INFO on itself at import
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = context.data_sources.add_pandas(name)
