@@ -65,8 +65,8 @@ def make_optimizer(model: torch.nn.Module, phase, device: str) -> torch.optim.Ad
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": phase.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=phase.lr, betas=(phase.beta1, phase.beta2),
-                             fused=device == "cuda" or None)
+    # the fused kernel (CPU, CUDA, MPS) replaces a dozen passes over every parameter with one
+    return torch.optim.AdamW(groups, lr=phase.lr, betas=(phase.beta1, phase.beta2), fused=True)
 
 
 def batch_loss(model, batch: dict, n_tokens: float, n_labels: float, lm_weight: float):
