@@ -96,11 +96,9 @@ class Attention(nn.Module):
     def forward(self, x, rope=None, cache=None):
         B, T, _ = x.shape
         cfg = self.cfg
-        kv = cfg.n_kv_head * cfg.head_dim
-        q, k, v = self.c_attn(x).split([cfg.n_embd, kv, kv], dim=-1)
-        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
-        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        # one view for all heads, then split: q, k, v as (B, heads, T, head_dim) in three ops instead of seven
+        q, k, v = (self.c_attn(x).view(B, T, cfg.n_head + 2 * cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+                   .split([cfg.n_head, cfg.n_kv_head, cfg.n_kv_head], dim=1))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask, causal = None, True
@@ -111,11 +109,10 @@ class Attention(nn.Module):
                 causal = False
                 if T > 1:  # a new chunk on top of a filled cache: causal within the chunk, full over the past
                     mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start)
-        if cfg.n_kv_head != cfg.n_head:
-            rep = cfg.n_head // cfg.n_kv_head
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # enable_gqa shares each k/v head with n_head/n_kv_head query heads without copying k and v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                           dropout_p=cfg.dropout if self.training else 0.0)
+                                           dropout_p=cfg.dropout if self.training else 0.0,
+                                           enable_gqa=cfg.n_kv_head != cfg.n_head)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_embd)
         return self.resid_dropout(self.c_proj(y))
 
@@ -196,7 +193,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.wpe.weight[start:start + T]  # the same rows as wpe(arange), without building the index
         if persona is None:  # persona 0 by default, so the embedding is always part of the graph
             x = x + self.persona.weight[0]
         else:

@@ -1,0 +1,110 @@
+"""Evaluation of a model folder: what the evaluate stage measures.
+
+Bits per byte on the corpus val split (comparable across tokenizers, unlike per-token loss), assistant-token
+loss on ShareGPT val, emotion accuracy / macro-F1 / confusion on held-out labelled replies, persona checks
+over a fixed prompt set, distinct-2 and samples from fixed prompts. Everything here is deterministic for a
+given model and params; timings are measured separately so the quality metrics reproduce exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from persona_lm.generate import generate
+from persona_lm.train.batches import IGNORE, collate_emotion, crop, pad_sequences
+
+
+@torch.inference_mode()
+def bits_per_byte(model, tok, texts: list[str], max_tokens: int, batch_size: int = 8) -> dict:
+    """Total next-token cross-entropy in bits over non-overlapping windows, divided by the UTF-8 bytes those
+    tokens spell (each <|endoftext|> separator counted as one byte)."""
+    T = model.cfg.block_size
+    ids, n_bytes = [], 0
+    for text, doc in zip(texts, tok.encode_batch(texts)):
+        if ids and len(ids) + len(doc) + 1 > max_tokens:
+            break
+        ids += doc + [tok.eot]
+        n_bytes += len(text.encode("utf-8")) + 1
+    stream = torch.tensor(ids, dtype=torch.long)
+    windows = [stream[i:i + T + 1] for i in range(0, max(len(stream) - 1, 1), T)]
+    nats, n_tok = 0.0, 0
+    for b in range(0, len(windows), batch_size):
+        chunk = [w for w in windows[b:b + batch_size] if len(w) > 1]
+        x, y = pad_sequences([(w.tolist(), [1] * len(w)) for w in chunk], tok.pad)
+        logits, _ = model(x)
+        nats += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"))
+        n_tok += int((y != IGNORE).sum())
+    return {"bpb": nats / math.log(2) / max(n_bytes, 1), "tokens": n_tok, "bytes": n_bytes,
+            "loss": nats / max(n_tok, 1)}
+
+
+@torch.inference_mode()
+def assistant_loss(model, tok, examples: list[tuple[list[int], list[int]]], batch_size: int = 16) -> float:
+    """Mean cross-entropy over assistant tokens only (the finetuning objective) on held-out conversations."""
+    nats, n = 0.0, 0
+    for b in range(0, len(examples), batch_size):
+        x, y = pad_sequences([crop(ids, mask, model.cfg.block_size) for ids, mask in examples[b:b + batch_size]], tok.pad)
+        logits, _ = model(x)
+        nats += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"))
+        n += int((y != IGNORE).sum())
+    return nats / max(n, 1)
+
+
+@torch.inference_mode()
+def emotion_scores(model, tok, examples, labels: list[str], batch_size: int = 32) -> dict:
+    """Accuracy, macro-F1 over the labels present in the data, and (actual, predicted) pairs for the
+    confusion matrix."""
+    pairs = []
+    for b in range(0, len(examples), batch_size):
+        chunk = examples[b:b + batch_size]
+        batch = collate_emotion(chunk, model.cfg.block_size, tok.pad)
+        _, emo = model(batch["x"], emotion_index=batch["emotion_index"])
+        for actual, pred in zip(batch["emotion_label"].tolist(), emo.argmax(-1).tolist()):
+            pairs.append({"actual": labels[actual], "predicted": labels[pred]})
+    present = sorted({p["actual"] for p in pairs})
+    f1s = []
+    for label in present:
+        tp = sum(p["actual"] == label and p["predicted"] == label for p in pairs)
+        fp = sum(p["actual"] != label and p["predicted"] == label for p in pairs)
+        fn = sum(p["actual"] == label and p["predicted"] != label for p in pairs)
+        f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
+    acc = sum(p["actual"] == p["predicted"] for p in pairs) / max(len(pairs), 1)
+    return {"accuracy": acc, "macro_f1": sum(f1s) / max(len(f1s), 1), "n": len(pairs), "pairs": pairs}
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Unique word n-grams / all word n-grams over a set of replies: low values mean repetitive output."""
+    grams = [tuple(words[i:i + n]) for t in texts for words in [t.lower().split()] for i in range(len(words) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+def reply(model, tok, system_prompt: str, prompt: str, emotions: list[str], **sampling):
+    turns = [{"from": "system", "value": system_prompt}, {"from": "human", "value": prompt}]
+    return generate(model, tok, tok.prompt(turns), emotions=emotions, **sampling)
+
+
+def persona_checks(model, tok, system_prompt: str, checks, name: str, emotions: list[str], **sampling) -> dict:
+    """How often greedy replies to fixed prompts contain what the persona must say (e.g. its name)."""
+    results = []
+    for check in checks:
+        r = reply(model, tok, system_prompt, check.prompt, emotions, **sampling)
+        expect = check.expect.format(name=name)
+        results.append({"prompt": check.prompt, "reply": r.text, "expect": expect,
+                        "passed": expect.lower() in r.text.lower()})
+    return {"pass_rate": sum(r["passed"] for r in results) / max(len(results), 1), "results": results}
+
+
+def samples(model, tok, system_prompt: str, prompts: list[str], emotions: list[str], **sampling) -> tuple[list[dict], dict]:
+    """Replies to fixed prompts, plus decode timings (kept apart from the deterministic metrics)."""
+    out, n_new, seconds = [], 0, 0.0
+    for prompt in prompts:
+        t0 = time.perf_counter()
+        r = reply(model, tok, system_prompt, prompt, emotions, **sampling)
+        seconds += time.perf_counter() - t0
+        n_new += r.n_new
+        out.append({"prompt": prompt, "reply": r.text, "emotion": r.emotion, "finish_reason": r.finish_reason})
+    return out, {"generated_tokens": n_new, "generation_tokens_per_s": n_new / max(seconds, 1e-9)}

@@ -1,0 +1,296 @@
+"""Generation: KV cache, sampling and streaming — the only generation code in the project.
+
+Three layers, each usable on its own:
+- `Decoder` turns a prompt into a stream of token ids: prefill the prompt once, then feed one token per step
+  through the KV cache (or, with `use_cache=False`, recompute the whole window: the reference and benchmark
+  baseline). It stops only at max_new_tokens; the caller decides when a reply is over.
+- `TextStream` turns token ids into text deltas that never split a UTF-8 character and never leak a stop string.
+- `stream()` / `generate()` join the two for one chat reply: stop tokens, stop strings, max_new_tokens, and the
+  reply's detected emotion.
+
+The context never exceeds `block_size`. The prompt must fit (the chat layer drops the oldest whole turns
+before calling); when prompt + reply reach `block_size` mid-reply, the decoder re-windows: it keeps the most
+recent `block_size // 2` tokens and prefills them again, so one prefill buys block_size // 2 more cached steps.
+Learned position embeddings have nothing beyond `block_size`, so a sliding cache is not an option for them;
+for RoPE re-prefilling is simply correct too. `use_cache=False` windows by the same rule, so both paths agree.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, (batch, n_kv_head, block_size, head_dim) each.
+
+    The attention layers call `append(layer, k, v)` once per layer with the new chunk and attend over the
+    returned views; the model calls `advance(T)` after the last layer. Nothing is allocated per step: the
+    chunk is copied into the buffer and the views are narrowed slices of it.
+    """
+
+    def __init__(self, cfg, batch_size: int = 1, device=None, dtype=torch.float32):
+        shape = (batch_size, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.block_size = cfg.block_size
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, T = self.length, k.shape[2]
+        if start + T > self.block_size:
+            raise ValueError(f"KV cache overflow: {start} + {T} tokens > block_size {self.block_size}")
+        kb, vb = self.k[layer], self.v[layer]
+        kb.narrow(2, start, T).copy_(k)
+        vb.narrow(2, start, T).copy_(v)
+        return kb.narrow(2, 0, start + T), vb.narrow(2, 0, start + T)
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def crop(self, n: int) -> None:
+        """Keep the first n positions (e.g. a shared prompt prefix); later appends overwrite the rest."""
+        self.length = max(0, min(n, self.length))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, penalty: float,
+                             exempt: torch.Tensor | None = None) -> torch.Tensor:
+    """Make tokens already in `ids` less likely: positive logits are divided by `penalty`, negative ones
+    multiplied by it. Dividing a negative logit would raise it — the bug this function exists to avoid.
+
+    logits (..., V), ids (..., N) long, exempt: optional (V,) bool mask of tokens never penalised (chat control
+    tokens: every past turn ends in <|end|>, which must stay as likely as the model thinks). Returns a new tensor.
+    """
+    if penalty == 1.0 or ids.numel() == 0:
+        return logits
+    seen = logits.gather(-1, ids)
+    penalised = torch.where(seen > 0, seen / penalty, seen * penalty)
+    if exempt is not None:
+        penalised = torch.where(exempt[ids], seen, penalised)
+    return logits.scatter(-1, ids, penalised)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set every logit outside the top-k and outside the nucleus to -inf (0 / 1.0 disable each).
+
+    top-k keeps exactly k tokens (ties broken by torch.topk); top-p keeps the smallest set of most likely
+    tokens whose probability reaches top_p, always at least one.
+    """
+    if top_k and top_k < logits.shape[-1]:
+        vals, idx = torch.topk(logits, top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, vals)
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # probability mass of the strictly more likely tokens
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
+        logits = torch.empty_like(logits).scatter(-1, idx, sorted_logits)
+    return logits
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (...,) from logits (..., V); temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = logits.softmax(-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+class Decoder:
+    """Token ids continuing `prompt`, one per iteration, up to `max_new_tokens`.
+
+    After each yielded token, `last_hidden` (1, n_embd) holds the final hidden state of the position whose
+    logits produced it: the emotion head reads the reply there at no extra cost.
+    """
+
+    def __init__(self, model, prompt: Sequence[int], *, max_new_tokens: int = 256, temperature: float = 0.8,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 persona: int | None = None, use_cache: bool = True, penalty_exempt: Sequence[int] = ()):
+        block = model.cfg.block_size
+        if len(prompt) == 0:
+            raise ValueError("the prompt is empty: generation needs at least one token to continue")
+        if len(prompt) > block:
+            raise ValueError(f"the prompt has {len(prompt)} tokens but the model's context (block_size) is {block}; "
+                             "drop the oldest turns before generating")
+        p = next(model.parameters())
+        self.model, self.device = model, p.device
+        self.max_new_tokens, self.n_prompt = max_new_tokens, len(prompt)
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.repetition_penalty, self.exempt = repetition_penalty, None
+        if penalty_exempt:
+            self.exempt = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=self.device)
+            self.exempt[list(penalty_exempt)] = True
+        self.generator = None
+        if seed is not None:
+            self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.persona = None if persona is None else torch.tensor([persona], device=self.device)
+        self.cache = KVCache(model.cfg, 1, self.device, p.dtype) if use_cache else None
+        self.ids = torch.empty(1, len(prompt) + max_new_tokens, dtype=torch.long, device=self.device)
+        self.ids[0, :len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
+        self.keep = max(1, block // 2)
+        self.last_hidden: torch.Tensor | None = None
+
+    def _logits(self, idx: torch.Tensor) -> torch.Tensor:
+        # Only the last position's logits are needed: skipping the rest makes prefill cheaper.
+        h = self.model.hidden(idx, self.persona, self.cache)
+        self.last_hidden = h[:, -1]
+        return self.model.lm_head(self.last_hidden).float()
+
+    @torch.inference_mode()
+    def __iter__(self) -> Iterator[int]:
+        model, ids, cache, block = self.model, self.ids, self.cache, self.model.cfg.block_size
+        was_training = model.training
+        model.eval()
+        try:
+            if self.max_new_tokens <= 0:
+                return
+            if cache is not None:
+                cache.reset()
+            n, start = self.n_prompt, 0
+            logits = self._logits(ids[:, :n])
+            for step in range(self.max_new_tokens):
+                logits = apply_repetition_penalty(logits, ids[:, :n], self.repetition_penalty, self.exempt)
+                tok = sample(logits, self.temperature, self.top_k, self.top_p, self.generator)
+                ids[:, n] = tok
+                n += 1
+                yield int(tok)
+                if step == self.max_new_tokens - 1:
+                    break
+                if n - start > block:  # re-window: keep the most recent tokens, prefill them from scratch
+                    start = n - self.keep
+                    if cache is not None:
+                        cache.reset()
+                    logits = self._logits(ids[:, start:n])
+                elif cache is not None:
+                    logits = self._logits(ids[:, n - 1:n])
+                else:
+                    logits = self._logits(ids[:, start:n])
+        finally:
+            model.train(was_training)
+
+
+class TextStream:
+    """Incremental detokenisation for byte-level BPE.
+
+    A character whose bytes are spread over several tokens decodes as a trailing U+FFFD until its last byte
+    arrives, so trailing U+FFFD is held back; so is any tail that could be the start of a stop string. Once a
+    stop string appears the text is cut before it and `stopped` is set. Decoding restarts from the last token
+    after which the text ended on a whole character (bytes after a character boundary decode independently),
+    so a push costs the same at token 500 as at token 5.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text, self.sent, self.stopped = "", 0, False
+        self.anchor, self.anchor_text = 0, ""  # ids[:anchor] decode to anchor_text, ending on a whole character
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.anchor_text + self.tokenizer.decode(self.ids[self.anchor:])
+        if not text.endswith("\ufffd"):
+            self.anchor, self.anchor_text = len(self.ids), text
+        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped, self.text = True, text[:min(hits)]
+            return self._emit(len(self.text))
+        self.text = text
+        stable = len(text.rstrip("\ufffd"))
+        return self._emit(stable - self._stop_prefix(text[:stable]))
+
+    def flush(self) -> str:
+        return self._emit(len(self.text))
+
+    def _stop_prefix(self, text: str) -> int:
+        """Length of the longest tail of `text` that begins some stop string."""
+        return max((n for s in self.stop for n in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:n])), default=0)
+
+    def _emit(self, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        delta, self.sent = self.text[self.sent:upto], upto
+        return delta
+
+
+@dataclass
+class Result:
+    text: str
+    ids: list[int]            # every sampled token, the one that stopped generation included
+    finish_reason: str        # "stop" (stop token or stop string) | "length" (max_new_tokens)
+    emotion: str | None
+    n_prompt: int
+    n_new: int
+    seconds: float
+
+
+class Generation:
+    """One reply: iterate for text deltas; afterwards `result` holds the whole Result."""
+
+    def __init__(self, model, tokenizer, prompt: Sequence[int], *, stop: Sequence[str] = (),
+                 emotions: Sequence[str] | None = None, ignore_end: bool = False, **sampling):
+        self.model, self.tokenizer, self.stop, self.emotions = model, tokenizer, stop, emotions
+        # Control tokens are structure, not content: the repetition penalty leaves them alone.
+        self.decoder = Decoder(model, prompt, penalty_exempt=sorted(tokenizer.special_ids), **sampling)
+        # A reply ends at <|end|>; <|endoftext|> and a role marker can never be part of one either.
+        self.stop_ids = set() if ignore_end else {tokenizer.end, tokenizer.eot, *tokenizer.role.values()}
+        self.result: Result | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        t0 = time.perf_counter()
+        text = TextStream(self.tokenizer, self.stop)
+        ids, reason = [], "length"
+        for tok in self.decoder:
+            ids.append(tok)
+            if tok in self.stop_ids:
+                reason = "stop"
+                break
+            delta = text.push(tok)
+            if delta:
+                yield delta
+            if text.stopped:
+                reason = "stop"
+                break
+        delta = text.flush()
+        if delta:
+            yield delta
+        self.result = Result(text.text, ids, reason, self._emotion(), self.decoder.n_prompt, len(ids),
+                             time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def _emotion(self) -> str | None:
+        """The emotion head on the hidden state that predicted the reply's end (or its last token)."""
+        head = getattr(self.model, "emotion_head", None)
+        h = self.decoder.last_hidden
+        if head is None or not self.emotions or h is None:
+            return None
+        if len(self.emotions) != head.out_features:
+            raise ValueError(f"{len(self.emotions)} emotion labels for an emotion head of {head.out_features}")
+        return self.emotions[int(head(h).argmax(-1))]
+
+
+def stream(model, tokenizer, prompt: Sequence[int], **kw) -> Generation:
+    """Text deltas of one reply as they are produced; see `generate` for the arguments."""
+    return Generation(model, tokenizer, prompt, **kw)
+
+
+def generate(model, tokenizer, prompt: Sequence[int], **kw) -> Result:
+    """One reply to `prompt` (token ids, e.g. ChatTokenizer.prompt(turns)).
+
+    Keyword arguments: max_new_tokens, temperature (0 = greedy), top_k, top_p, repetition_penalty, seed,
+    persona, use_cache (see Decoder); stop (strings that end the reply, not included in it), emotions (the
+    emotion head's labels, to detect the reply's emotion), ignore_end (keep going past <|end|>: benchmarks).
+    """
+    g = stream(model, tokenizer, prompt, **kw)
+    for _ in g:
+        pass
+    return g.result
