@@ -10,6 +10,7 @@ A non-finite loss stops the phase before the optimizer step, so broken weights a
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
 import sys
@@ -29,6 +30,17 @@ log = logging.getLogger("persona_lm.train")
 
 class TrainingError(PersonaError):
     pass
+
+
+def keep_freed_memory() -> None:
+    """Stop glibc from handing large freed buffers back to the OS. Otherwise every training step maps its
+    activation buffers afresh and page-faults them in, which costs ~10% of a small model's CPU step."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: serve allocations up to 32 MB from the heap
+    libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap for reuse
 
 
 def resolve_device(pref: str) -> str:
@@ -126,6 +138,7 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
     from dvclive import Live
     from tqdm import tqdm
 
+    keep_freed_memory()
     device = resolve_device(phase.device)
     dd = distributed.setup(device)
     if dd.enabled and device == "cuda":
