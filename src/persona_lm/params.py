@@ -287,7 +287,7 @@ class Model(Section):
 class Phase(Section):
     """Optimisation settings shared by the three training phases."""
 
-    max_iters: int = Field(300, ge=1)
+    max_iters: int = Field(200, ge=1)
     batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -318,8 +318,7 @@ class Pretrain(Phase):
 
 
 class Finetune(Phase):
-    lr: float = Field(5e-4, gt=0)
-    min_lr: float = Field(5e-5, ge=0)
+    max_iters: int = Field(700, ge=1)
     replay: float = Field(0.1, ge=0, le=1, description="share of batches that replay corpus text")
 
 
@@ -327,7 +326,6 @@ class Emotion(Phase):
     """Emotion-labelled data sources, and phase 3 (the emotion head) settings."""
 
     datasets: list[EmotionDataset] = Field(default_factory=list)
-    max_iters: int = Field(150, ge=1)
     lr: float = Field(5e-4, gt=0)
     min_lr: float = Field(5e-5, ge=0)
     warmup_iters: int = Field(10, ge=0)

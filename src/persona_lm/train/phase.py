@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import zlib
 from pathlib import Path
 
 import polars as pl
 import torch
 
+import persona_lm
 from persona_lm.errors import PersonaError
 from persona_lm.io import read_jsonl, write_json
 from persona_lm.model import GPT, GPTConfig
@@ -28,12 +30,13 @@ CHECKPOINTS = Path("models/.checkpoints")
 
 
 def fingerprint(p: Params, sections: list[str], files: list[Path]) -> str:
-    """Hash of the params sections and input files a phase depends on: a checkpoint is only resumed when
-    both are unchanged, so an edited param or new data never continues a stale run."""
+    """Hash of the params sections, input files and code a phase depends on: a checkpoint is only resumed
+    when all are unchanged, so an edited param, new data or changed code never continues a stale run."""
     h = hashlib.sha256()
     dump = p.model_dump(mode="json")
     h.update(json.dumps({s: dump[s] for s in sections}, sort_keys=True).encode())
-    for f in files:
+    code = sorted(Path(persona_lm.__file__).parent.rglob("*.py")) + [Path(sys.argv[0])]
+    for f in [*files, *code]:
         for part in sorted(f.rglob("*")) if f.is_dir() else [f]:
             if part.is_file():
                 h.update(part.name.encode())
