@@ -51,14 +51,10 @@ def run_one(cfg: dict) -> dict:
                      beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=cfg["iters"], eval_iters=20,
                      ckpt_interval=cfg["iters"], device="cpu", precision="fp32", compile=cfg.get("compile", False))
     with tempfile.TemporaryDirectory() as tmp:
-        if cfg.get("seconds"):  # same wall-clock budget: time steady-state steps, then size the run to fit
-            marks = []
-            for n in (40, 80):  # two fresh runs: their difference is 40 steady-state steps, no overhead
-                t0 = time.perf_counter()
-                train(GPT(model.cfg), phase.model_copy(update={"max_iters": n, "ckpt_interval": n}), batches,
-                      Path(tmp) / f"probe{n}", "probe", {"live_dir": Path(tmp) / f"probe-live{n}"}, "probe")
-                marks.append(time.perf_counter() - t0)
-            per_iter = (marks[1] - marks[0]) / 40
+        if cfg.get("seconds"):  # same wall-clock budget: measure the step time, then size the run
+            probe = train(GPT(model.cfg), phase.model_copy(update={"max_iters": 60, "ckpt_interval": 60}), batches,
+                          Path(tmp) / "probe", "probe", {"live_dir": Path(tmp) / "probe-live"}, "probe")
+            per_iter = cfg["batch"] * cfg["block"] / probe.tokens_per_s  # the loop's steady-state rate
             n = max(100, int(cfg["seconds"] / per_iter))
             phase = phase.model_copy(update={"max_iters": n, "eval_interval": n, "ckpt_interval": n})
         t0 = time.perf_counter()

@@ -178,3 +178,21 @@ def test_ddp_two_processes_on_gloo(project, tmp_path):
     assert all(torch.isfinite(t).all() for t in weights.values())
     metrics = yaml.safe_load((d / "reports/pretrain.json").read_text())
     assert metrics["step"] == 40
+
+
+def test_rows_choose_their_persona_embedding():
+    from persona_lm.errors import PersonaError
+    from persona_lm.params import parse_params
+    from persona_lm.train.batches import ChatBatches
+    from persona_lm.train.phase import chat_examples
+
+    tok = ChatTokenizer(train_tokenizer(["hello there friend"] * 5, "bpe", 300, ["neutral", "joy"]))
+    rows = [{"id": f"r{i}", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}],
+             "emotions": [None], **({"persona": 1} if i % 2 else {})} for i in range(4)]
+    p = parse_params({"persona": {"emotions": ["neutral", "joy"]}, "model": {"n_personas": 2}})
+    examples = chat_examples(p, tok, rows)
+    assert [e[2] for e in examples] == [0, 1, 0, 1]
+    batch = ChatBatches(examples, examples, None, 0.0, 8, 32, tok.pad, seed=1).get("train", 0)
+    assert batch["persona"].shape == (8,) and set(batch["persona"].tolist()) <= {0, 1}
+    with pytest.raises(PersonaError, match=r"persona 1 is not in 0..0 \(raise model.n_personas\)"):
+        chat_examples(parse_params({"persona": {"emotions": ["neutral", "joy"]}}), tok, rows)

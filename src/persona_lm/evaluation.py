@@ -47,7 +47,7 @@ def assistant_loss(model, tok, examples: list[tuple[list[int], list[int]]], batc
     """Mean cross-entropy over assistant tokens only (the finetuning objective) on held-out conversations."""
     nats, n = 0.0, 0
     for b in range(0, len(examples), batch_size):
-        x, y = pad_sequences([crop(ids, mask, model.cfg.block_size) for ids, mask in examples[b:b + batch_size]], tok.pad)
+        x, y = pad_sequences([crop(ids, mask, model.cfg.block_size) for ids, mask, *_ in examples[b:b + batch_size]], tok.pad)
         logits, _ = model(x)
         nats += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"))
         n += int((y != IGNORE).sum())
@@ -62,7 +62,7 @@ def emotion_scores(model, tok, examples, labels: list[str], batch_size: int = 32
     for b in range(0, len(examples), batch_size):
         chunk = examples[b:b + batch_size]
         batch = collate_emotion(chunk, model.cfg.block_size, tok.pad)
-        _, emo = model(batch["x"], emotion_index=batch["emotion_index"])
+        _, emo = model(batch["x"], persona=batch["persona"], emotion_index=batch["emotion_index"])
         for actual, pred in zip(batch["emotion_label"].tolist(), emo.argmax(-1).tolist()):
             pairs.append({"actual": labels[actual], "predicted": labels[pred]})
     present = sorted({p["actual"] for p in pairs})

@@ -71,6 +71,10 @@ class CorpusBatches:
         return {"x": x, "y": y}
 
 
+def pick(pool: list, n: int, g: torch.Generator) -> list:
+    return [pool[i] for i in torch.randint(0, len(pool), (n,), generator=g).tolist()]
+
+
 def crop(ids: list[int], mask: list[int], block_size: int) -> tuple[list[int], list[int]]:
     """Keep the first block_size+1 tokens: the system prompt and the opening turns are what chat sees first."""
     return ids[: block_size + 1], mask[: block_size + 1]
@@ -78,10 +82,11 @@ def crop(ids: list[int], mask: list[int], block_size: int) -> tuple[list[int], l
 
 @dataclass
 class ChatBatches:
-    """Finetuning: rendered conversations with loss on assistant tokens only, plus optional corpus replay."""
+    """Finetuning: rendered conversations with loss on assistant tokens only, plus optional corpus replay.
+    Each example is (ids, mask, persona id); replayed corpus text is persona 0's."""
 
-    train: list[tuple[list[int], list[int]]]
-    val: list[tuple[list[int], list[int]]]
+    train: list[tuple[list[int], list[int], int]]
+    val: list[tuple[list[int], list[int], int]]
     corpus: torch.Tensor | None
     replay: float
     batch_size: int
@@ -96,9 +101,9 @@ class ChatBatches:
             if float(torch.rand(1, generator=g)) < self.replay:
                 x, y = sample_windows(self.corpus, self.batch_size, self.block_size, g)
                 return {"x": x, "y": y}
-        picks = torch.randint(0, len(pool), (self.batch_size,), generator=g).tolist()
-        x, y = pad_sequences([crop(*pool[i], self.block_size) for i in picks], self.pad_id)
-        return {"x": x, "y": y}
+        picks = pick(pool, self.batch_size, g)
+        x, y = pad_sequences([crop(ids, mask, self.block_size) for ids, mask, _ in picks], self.pad_id)
+        return {"x": x, "y": y, "persona": torch.tensor([persona for _, _, persona in picks])}
 
 
 @dataclass
@@ -106,8 +111,8 @@ class EmotionBatches:
     """Emotion phase: each example is a conversation up to a labelled reply; the head reads the position that
     predicts the reply's end-of-turn token, and the LM loss on the reply keeps the model a good speaker."""
 
-    train: list[tuple[list[int], list[int], int]]   # (ids, mask, label) with ids ending at the reply's <|end|>
-    val: list[tuple[list[int], list[int], int]]
+    train: list[tuple[list[int], list[int], int, int]]   # (ids, mask, label, persona), ids ending at <|end|>
+    val: list[tuple[list[int], list[int], int, int]]
     batch_size: int
     block_size: int
     pad_id: int
@@ -116,17 +121,18 @@ class EmotionBatches:
     def get(self, split: str, step: int, rank: int = 0) -> dict:
         g = generator(self.seed, split, step, rank)
         pool = self.train if split == "train" else self.val
-        picks = torch.randint(0, len(pool), (self.batch_size,), generator=g).tolist()
-        return collate_emotion([pool[i] for i in picks], self.block_size, self.pad_id)
+        return collate_emotion(pick(pool, self.batch_size, g), self.block_size, self.pad_id)
 
 
 def collate_emotion(examples, block_size: int, pad_id: int) -> dict:
     """Crop each example from the left (the reply is at the end), pad, and point at the <|end|>-predicting slot."""
-    seqs, labels, index = [], [], []
-    for ids, mask, label in examples:
+    seqs, labels, index, personas = [], [], [], []
+    for ids, mask, label, persona in examples:
         ids, mask = ids[-(block_size + 1):], mask[-(block_size + 1):]
         seqs.append((ids, mask))
         labels.append(label)
         index.append(len(ids) - 2)
+        personas.append(persona)
     x, y = pad_sequences(seqs, pad_id)
-    return {"x": x, "y": y, "emotion_index": torch.tensor(index), "emotion_label": torch.tensor(labels)}
+    return {"x": x, "y": y, "emotion_index": torch.tensor(index), "emotion_label": torch.tensor(labels),
+            "persona": torch.tensor(personas)}

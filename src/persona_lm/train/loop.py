@@ -83,7 +83,7 @@ def make_optimizer(model: torch.nn.Module, phase, device: str) -> torch.optim.Ad
 
 def batch_loss(model, batch: dict, n_tokens: float, n_labels: float, lm_weight: float):
     """Sum-reduced losses divided by the global counts: the pieces of one exact mean over the whole step."""
-    logits, emo = model(batch["x"], emotion_index=batch.get("emotion_index"))
+    logits, emo = model(batch["x"], persona=batch.get("persona"), emotion_index=batch.get("emotion_index"))
     lm = F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten(), ignore_index=IGNORE,
                          reduction="sum") / max(n_tokens, 1.0)
     if emo is None:

@@ -86,18 +86,27 @@ def with_system(p: Params, row: dict) -> list[dict]:
     return [{"from": "system", "value": p.persona.system_prompt}] + turns
 
 
-def chat_examples(p: Params, tok: ChatTokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+def persona_id(p: Params, row: dict) -> int:
+    """A row's `persona` field (0 when absent) picks the persona embedding it trains."""
+    pid = row.get("persona", 0)
+    if not isinstance(pid, int) or not 0 <= pid < p.model.n_personas:
+        raise PersonaError(f"row {row.get('id')}: persona {pid!r} is not in 0..{p.model.n_personas - 1} "
+                           "(raise model.n_personas)")
+    return pid
+
+
+def chat_examples(p: Params, tok: ChatTokenizer, rows: list[dict]) -> list[tuple[list[int], list[int], int]]:
     """Rendered conversations. Half of them (by a stable hash of the id) carry the emotion of each labelled
     reply as an input prefix, so the model learns to follow a requested mood and to speak without one."""
     out = []
     for row in rows:
         prefix = zlib.crc32(row["id"].encode()) % 2 == 0
         ids, mask, _ = tok.render(with_system(p, row), row.get("emotions"), emotion_prefix=prefix)
-        out.append((ids, mask))
+        out.append((ids, mask, persona_id(p, row)))
     return out
 
 
-def emotion_examples(p: Params, tok: ChatTokenizer, rows: list[dict]) -> list[tuple[list[int], list[int], int]]:
+def emotion_examples(p: Params, tok: ChatTokenizer, rows: list[dict]) -> list[tuple[list[int], list[int], int, int]]:
     """One example per labelled reply: the conversation up to and including that reply (no emotion prefix)."""
     index = {label: i for i, label in enumerate(p.persona.emotions)}
     out = []
@@ -112,7 +121,7 @@ def emotion_examples(p: Params, tok: ChatTokenizer, rows: list[dict]) -> list[tu
             gpt_seen += 1
             if label in index:
                 ids, mask, _ = tok.render(turns[: k + 1])
-                out.append((ids, mask, index[label]))
+                out.append((ids, mask, index[label], persona_id(p, row)))
     return out
 
 
