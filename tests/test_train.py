@@ -101,6 +101,7 @@ def test_damaged_checkpoint_is_skipped(tmp_path, caplog):
     newest.write_bytes(newest.read_bytes()[:100])
     path, meta = checkpoint.latest(tmp_path, "h")
     assert path.name == "step_0000001" and meta["step"] == 1
+    assert meta["params_hash"] == "h" and meta["config"]["n_layer"] == 2 and "git_sha" in meta
     assert "damaged or incomplete" in caplog.text
     assert checkpoint.latest(tmp_path, "other-params") is None
     assert checkpoint.load_state(path)["step"] == 1

@@ -9,6 +9,7 @@ a folder whose hashes do not match (truncated or corrupted later) is reported an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from persona_lm.io import write_json
 log = logging.getLogger("persona_lm.checkpoint")
 
 
+@functools.lru_cache(maxsize=1)
 def git_sha() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -74,7 +76,9 @@ def save(ckpt_dir: Path, step: int, model: torch.nn.Module, state: dict, meta: d
     try:
         save_weights(model, tmp / "model.safetensors")
         torch.save(state, tmp / "state.pt")
-        meta = {**meta, "step": step, "sha256": {n: _sha256(tmp / n) for n in ("model.safetensors", "state.pt")}}
+        config = model.cfg.to_dict() if hasattr(model, "cfg") else None
+        meta = {**meta, "step": step, "config": config, "git_sha": git_sha(),
+                "sha256": {n: _sha256(tmp / n) for n in ("model.safetensors", "state.pt")}}
         write_json(tmp / "meta.json", meta)
         if final.exists():
             shutil.rmtree(final)
