@@ -43,8 +43,9 @@ def run_one(cfg: dict) -> dict:
         vocab = cfg["vocab"]
         ids = torch.randint(0, vocab, (2_000_000,), generator=torch.Generator().manual_seed(0))
     n = int(0.9 * len(ids))
-    batches = CorpusBatches(ids[:n], ids[n:], None, 0.0, cfg["batch"], cfg["block"], seed=1337)
-    torch.manual_seed(1337)
+    seed = cfg.get("seed", 1337)
+    batches = CorpusBatches(ids[:n], ids[n:], None, 0.0, cfg["batch"], cfg["block"], seed=seed)
+    torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=vocab, block_size=cfg["block"], n_layer=cfg["n_layer"], n_head=cfg["n_head"],
                           n_embd=cfg["n_embd"], **cfg.get("arch", {})))
     phase = Pretrain(max_iters=cfg["iters"], batch_size=cfg["batch"], lr=1e-3, min_lr=1e-4, warmup_iters=100,
@@ -74,6 +75,7 @@ def run_one(cfg: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="200 iterations instead of 2000")
+    ap.add_argument("--seeds", type=int, default=1, help="repeat the nanoGPT run with this many seeds")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -84,9 +86,11 @@ def main() -> None:
     iters = 200 if args.quick else 2000
     nano = {"name": "nanoGPT shakespeare_char (GPT-2 family)", "data": "shakespeare", "iters": iters, "batch": 12,
             "block": 64, "n_layer": 4, "n_head": 4, "n_embd": 128}
-    results = [json.loads(subprocess.run([sys.executable, __file__, "--one", json.dumps(nano)], check=True,
-                                         capture_output=True, text=True).stdout.splitlines()[-1])]
+    results = [json.loads(subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], check=True,
+                                         capture_output=True, text=True).stdout.splitlines()[-1])
+               for cfg in [{**nano, "seed": 1337 + i, "name": f"{nano['name']} seed {1337 + i}"} for i in range(args.seeds)]]
     llama = {**nano, "name": "same budget, Llama family (rmsnorm, swiglu, rope)", "seconds": results[0]["seconds"],
+             "seed": 1337,
              "arch": {"norm": "rmsnorm", "mlp": "swiglu", "pos": "rope"}}
     persona = {"name": "PersonaCore size 13.9M (6L, 6H, 384d, block 256, vocab 8192)", "data": "random",
                "vocab": 8192, "iters": 20 if args.quick else 60, "batch": 8, "block": 256, "n_layer": 6,
