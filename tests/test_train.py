@@ -197,3 +197,15 @@ def test_rows_choose_their_persona_embedding():
     assert batch["persona"].shape == (8,) and set(batch["persona"].tolist()) <= {0, 1}
     with pytest.raises(PersonaError, match=r"persona 1 is not in 0..0 \(raise model.n_personas\)"):
         chat_examples(parse_params({"persona": {"emotions": ["neutral", "joy"]}}), tok, rows)
+
+
+def test_bf16_autocast_path_trains_on_cpu(tmp_path):
+    """The autocast branch of the loop (bf16 on CPU here; bf16/fp16 on CUDA where available)."""
+    stream = torch.arange(300) % 10
+    model = tiny_model()
+    phase = Pretrain(max_iters=4, batch_size=4, eval_interval=4, eval_iters=1, ckpt_interval=4, device="cpu",
+                     precision="bf16")
+    result = train(model, phase, CorpusBatches(stream, stream, None, 0, 4, 16, 1), tmp_path / "ck", "h",
+                   {"live_dir": tmp_path / "live"}, "pretrain")
+    assert result.step == 4 and torch.isfinite(torch.tensor(result.train_loss))
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32 master copies
