@@ -30,15 +30,15 @@ def run_one(cfg: dict) -> dict:
 
     from persona_lm.model import GPT, GPTConfig
     from persona_lm.params import Pretrain
-    from persona_lm.tokenizer import ChatTokenizer, train_tokenizer
     from persona_lm.train.batches import CorpusBatches
     from persona_lm.train.loop import evaluate, train
 
-    if cfg["data"] == "shakespeare":
+    if cfg["data"] == "shakespeare":  # nanoGPT's char vocabulary: exactly the 65 characters of the text
         text = SHAKESPEARE.read_text()
-        tok = ChatTokenizer(train_tokenizer([text], "char", 0, ["neutral"]))
-        ids = torch.tensor(tok.encode(text), dtype=torch.long)
-        vocab = tok.vocab_size
+        chars = sorted(set(text))
+        index = {c: i for i, c in enumerate(chars)}
+        ids = torch.tensor([index[c] for c in text], dtype=torch.long)
+        vocab = len(chars)
     else:  # throughput only: a random token stream of the right vocabulary
         vocab = cfg["vocab"]
         ids = torch.randint(0, vocab, (2_000_000,), generator=torch.Generator().manual_seed(0))
