@@ -33,6 +33,21 @@ def _sharegpt_check(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from persona_lm.chat import main as chat
+
+    return chat(args.model, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from persona_lm.export import export_hf
+
+    out = export_hf(args.model, args.out, persona=args.persona)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona-lm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sharegpt-check", help="validate ShareGPT .json/.jsonl files (exit 1 when invalid)")
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_sharegpt_check)
+
+    p = sub.add_parser("export", help="write a model folder as a Hugging Face transformers folder")
+    p.add_argument("out", help="the folder to write (replaced atomically if it holds an earlier export)")
+    p.add_argument("--format", choices=["hf"], default="hf")
+    p.add_argument("--model", default="models/final", help="model folder (default: models/final)")
+    p.add_argument("--persona", type=int, default=0, help="persona index folded into the weights (default: 0)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("chat", help="chat with a model folder (reads stdin line by line when piped)")
+    p.add_argument("--model", default="models/final", help="model folder (default: models/final)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=_chat)
     return parser
 
 

@@ -1,0 +1,184 @@
+"""`persona-lm chat`: talk to a model folder in the terminal, or pipe lines through it.
+
+`Chat` holds one conversation: the persona's system prompt, the past turns, and the sampling settings. Before
+each reply it fits the conversation into the context window: the reply's token budget is reserved first,
+then the oldest whole user/assistant pairs are dropped (never the system prompt), and as a last resort the
+new user turn is cut from the left, since its end is what the reply answers.
+
+`run` is the loop around it. On a terminal it shows a `you> ` prompt and the persona's name; when stdin is
+piped, each line is one user turn and each reply is exactly one line on stdout, so the output can be zipped
+with the input. Command feedback and warnings always go to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterator, TextIO
+
+from persona_lm.errors import PersonaError
+
+# Everything str.splitlines() breaks on: a piped reply must stay on one line.
+_ONE_LINE = str.maketrans({c: " " for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
+HELP = "commands: /reset  /temp X  /emotion on|off  /quit"
+
+
+class Chat:
+    """One conversation with a model: history, fit-to-context, streamed replies."""
+
+    def __init__(self, model, tokenizer, config: dict, *, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, repetition_penalty: float = 1.1, max_new_tokens: int = 128,
+                 seed: int | None = None, warn=None):
+        self.model, self.tok = model, tokenizer
+        self.name = config.get("persona") or "assistant"
+        self.system = config.get("system_prompt") or ""
+        self.emotions = config.get("emotions") or None
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.repetition_penalty, self.max_new_tokens, self.seed = repetition_penalty, max_new_tokens, seed
+        self.warn = warn or note
+        self.history: list[dict] = []  # alternating human/gpt turns, oldest first
+        self.n_replies = 0
+        self.last_emotion: str | None = None
+
+    def reset(self) -> None:
+        self.history = []
+
+    @property
+    def reserve(self) -> int:
+        """Tokens kept free for the reply. Capped at half the window so a huge max_new_tokens still leaves room
+        for the conversation; a longer reply is fine, the decoder re-windows when it reaches block_size."""
+        return min(self.max_new_tokens, self.model.cfg.block_size // 2)
+
+    def _head(self) -> list[dict]:
+        return [{"from": "system", "value": self.system}] if self.system else []
+
+    def fit(self, user: str) -> tuple[list[int], str]:
+        """(prompt ids, the user text actually used), with len(prompt) + reserve <= block_size.
+
+        Drops the oldest whole pairs from `self.history` as needed; truncates `user` from the left only when
+        the system prompt plus `user` alone cannot fit.
+        """
+        budget = self.model.cfg.block_size - self.reserve
+        while True:
+            ids = self.tok.prompt(self._head() + self.history + [{"from": "human", "value": user}])
+            if len(ids) <= budget or not self.history:
+                break
+            self.history = self.history[2:]
+        if len(ids) <= budget:
+            return ids, user
+        # Only the system prompt and the new turn are left: keep the end of the user's text.
+        head = self.tok.prompt(self._head())[:-1]  # drop the assistant marker that prompt() appends
+        room = budget - len(head) - 3  # <|user|> ... <|end|> <|assistant|>
+        if room < 1:
+            raise PersonaError(f"the system prompt alone ({len(head)} tokens) leaves no room in the model's context "
+                               f"of {self.model.cfg.block_size} tokens; use a shorter one or a smaller --max-new-tokens")
+        body = self.tok.encode_content(user)
+        kept = self.tok.decode(body[-room:])
+        self.warn(f"[your message was {len(body)} tokens; only its last {room} fit the context]")
+        ids = head + [self.tok.role["human"]] + body[-room:] + [self.tok.end, self.tok.role["gpt"]]
+        return ids, kept
+
+    def reply(self, user: str) -> Iterator[str]:
+        """Stream the reply to `user` as text deltas; the turn pair joins the history once the reply is done,
+        and `last_emotion` holds the emotion head's label for it."""
+        from persona_lm.generate import stream
+
+        ids, user = self.fit(user)
+        seed = None if self.seed is None else self.seed + self.n_replies  # reproducible, yet not every reply alike
+        gen = stream(self.model, self.tok, ids, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                     top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty, seed=seed,
+                     emotions=self.emotions)
+        yield from gen
+        self.n_replies += 1
+        self.last_emotion = gen.result.emotion
+        self.history += [{"from": "human", "value": user}, {"from": "gpt", "value": gen.result.text}]
+
+
+def command(chat: Chat, line: str, state: dict) -> bool:
+    """Apply a /command; returns False when the loop should stop."""
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if name == "/quit":
+        return False
+    if name == "/reset":
+        chat.reset()
+        note("[history cleared]")
+    elif name == "/temp":
+        try:
+            t = float(arg)
+            if not 0 <= t <= 5:
+                raise ValueError
+        except ValueError:
+            note(f"[/temp needs a number from 0 to 5, got {arg!r}; temperature stays {chat.temperature}]")
+        else:
+            chat.temperature = t
+            note(f"[temperature {t}]")
+    elif name == "/emotion" and arg in ("on", "off"):
+        state["emotion"] = arg == "on"
+        note(f"[emotion {arg}]")
+    else:
+        note(f"[unknown command {line!r}; {HELP}]")
+    return True
+
+
+def note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(chat: Chat, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, interactive: bool | None = None) -> int:
+    """The chat loop: a REPL on a terminal, one reply line per input line when piped."""
+    if interactive is None:
+        interactive = stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        note(f"chatting with {chat.name}; {HELP}")
+    state = {"emotion": True}
+    while True:
+        try:
+            line = input("you> ") if interactive else stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                print(file=stdout)
+            break
+        if not interactive and not line:
+            break  # EOF
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not command(chat, line, state):
+                break
+            continue
+        if interactive:
+            stdout.write(f"{chat.name}> ")
+        try:
+            for delta in chat.reply(line):
+                stdout.write(delta if interactive else delta.translate(_ONE_LINE))
+                stdout.flush()
+        except KeyboardInterrupt:  # stop this reply, keep the conversation
+            stdout.write("\n")
+            note("[reply interrupted; it is not kept in the history]")
+            continue
+        if state["emotion"] and chat.last_emotion:
+            stdout.write(f"  [{chat.last_emotion}]")
+        stdout.write("\n")
+        stdout.flush()
+    return 0
+
+
+def main(model_dir: str | Path, **sampling) -> int:
+    """Load the model folder and chat; PersonaError (no folder, bad files) is reported by the CLI."""
+    import torch
+
+    from persona_lm.train.checkpoint import load_model_dir
+
+    if not 0 <= sampling.get("temperature", 0.8) <= 5:
+        raise PersonaError(f"--temperature must be from 0 to 5, got {sampling['temperature']}")
+    if sampling.get("max_new_tokens", 128) < 1:
+        raise PersonaError(f"--max-new-tokens must be at least 1, got {sampling['max_new_tokens']}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok, config = load_model_dir(Path(model_dir), device=device)
+    return run(Chat(model, tok, config, **sampling))

@@ -1,0 +1,221 @@
+"""Export a model folder as a Hugging Face transformers folder (`persona-lm export --format hf OUT`).
+
+Each family maps onto a stock architecture, so the export loads with `AutoModelForCausalLM` and no custom code:
+learned positions + LayerNorm + GELU become `GPT2LMHeadModel`; RoPE + RMSNorm + SwiGLU become
+`LlamaForCausalLM`. Any other mix has no stock equivalent and is refused with the option that breaks it.
+The conversion is exact (same logits), which takes three small translations:
+
+- The persona embedding is added to every input position. A constant added to every input is the same as a
+  constant added to every row of the token embedding, so it is folded into the input embedding (GPT-2: into
+  every position row instead, which keeps tied embeddings tied). A tied Llama model with a non-zero persona row
+  is exported untied: `embed_tokens` carries the persona, `lm_head` keeps the original embedding.
+- Grouped-query attention in the GPT-2 family is expanded to plain multi-head attention by repeating each
+  key/value head for its query group (GPT-2 has no GQA; the result is identical, only larger).
+- GPT-2's Conv1D stores weights as (in, out), the transpose of nn.Linear; its LayerNorm and projections always
+  have biases, written as zeros when the model has none.
+
+The emotion head is not part of a causal LM: it is saved beside it as `emotion_head.safetensors`, and its
+labels (with the persona name and system prompt) go under "persona_lm" in config.json. It reads the final
+(post-norm) hidden state, i.e. `output_hidden_states[-1]` of the exported model.
+
+The chat template renders messages as `ChatTokenizer.render/prompt` do: `<|role|>content<|end|>` per message
+and `<|assistant|>` for the generation prompt. Two differences remain, because a Jinja template only produces a
+string that is then tokenized: `*action*` spans are not turned into action marker tokens (our encoder does
+that), and special-token strings typed inside a message are parsed as special tokens rather than kept as text.
+Only persona 0 is exported unless another index is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from persona_lm.errors import PersonaError
+from persona_lm.tokenizer import ASSISTANT, END, EOT, PAD, SYSTEM, USER
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}" + SYSTEM +
+    "{%- elif message['role'] == 'user' -%}" + USER +
+    "{%- elif message['role'] == 'assistant' -%}" + ASSISTANT +
+    "{%- else -%}{{ raise_exception('unknown role: ' ~ message['role']) }}"
+    "{%- endif -%}"
+    "{{- message['content'] -}}" + END +
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}" + ASSISTANT + "{%- endif -%}"
+)
+
+
+def family(cfg) -> str:
+    """"gpt2" or "llama", or a PersonaError naming the option neither stock architecture can express."""
+    if cfg.pos == "learned":
+        for option, value, want in (("norm", cfg.norm, "layernorm"), ("mlp", cfg.mlp, "gelu")):
+            if value != want:
+                raise PersonaError(f"cannot export model.{option}={value} with model.pos=learned: the GPT-2 "
+                                   f"architecture needs model.{option}={want} (or use the Llama family: "
+                                   "pos=rope, norm=rmsnorm, mlp=swiglu)")
+        return "gpt2"
+    if cfg.pos == "rope":
+        for option, value, want in (("norm", cfg.norm, "rmsnorm"), ("mlp", cfg.mlp, "swiglu")):
+            if value != want:
+                raise PersonaError(f"cannot export model.{option}={value} with model.pos=rope: the Llama "
+                                   f"architecture needs model.{option}={want} (or use the GPT-2 family: "
+                                   "pos=learned, norm=layernorm, mlp=gelu)")
+        return "llama"
+    raise PersonaError(f"cannot export model.pos={cfg.pos}: only learned (GPT-2) and rope (Llama) are supported")
+
+
+def _t(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().float().cpu().contiguous().clone()
+
+
+def _persona_row(model, persona: int) -> torch.Tensor:
+    n = model.persona.weight.shape[0]
+    if not 0 <= persona < n:
+        raise PersonaError(f"persona {persona} does not exist: this model has {n} persona(s)")
+    return model.persona.weight[persona].detach()
+
+
+def _repeat_heads(t: torch.Tensor, n_heads: int, times: int) -> torch.Tensor:
+    """Rows of `n_heads` heads, each head's rows repeated `times` times in place (k/v head j -> j*times...)."""
+    return t.reshape(n_heads, -1, *t.shape[1:]).repeat_interleave(times, dim=0).reshape(-1, *t.shape[1:])
+
+
+def gpt2_weights(model, persona: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json fields, state dict) for GPT2LMHeadModel."""
+    cfg = model.cfg
+    E, hd, H, K = cfg.n_embd, cfg.head_dim, cfg.n_head, cfg.n_kv_head
+    bias = lambda m, n: _t(m.bias) if m.bias is not None else torch.zeros(n)  # noqa: E731  GPT-2 always has biases
+    sd = {"transformer.wte.weight": _t(model.wte.weight),
+          "transformer.wpe.weight": _t(model.wpe.weight + _persona_row(model, persona)),
+          "transformer.ln_f.weight": _t(model.ln_f.weight), "transformer.ln_f.bias": bias(model.ln_f, E)}
+    for i, b in enumerate(model.blocks):
+        p = f"transformer.h.{i}."
+        w = b.attn.c_attn.weight.detach()
+        bb = b.attn.c_attn.bias.detach() if b.attn.c_attn.bias is not None else torch.zeros(w.shape[0])
+        # rows are [q | k | v]; repeating each k/v head for its query group turns GQA into plain MHA
+        q, k, v = w.split([E, K * hd, K * hd])
+        qb, kb, vb = bb.split([E, K * hd, K * hd])
+        rep = H // K
+        sd[p + "attn.c_attn.weight"] = _t(torch.cat([q, _repeat_heads(k, K, rep), _repeat_heads(v, K, rep)]).T)
+        sd[p + "attn.c_attn.bias"] = _t(torch.cat([qb, _repeat_heads(kb, K, rep), _repeat_heads(vb, K, rep)]))
+        sd[p + "attn.c_proj.weight"] = _t(b.attn.c_proj.weight.T)
+        sd[p + "attn.c_proj.bias"] = bias(b.attn.c_proj, E)
+        sd[p + "mlp.c_fc.weight"] = _t(b.mlp.c_fc.weight.T)
+        sd[p + "mlp.c_fc.bias"] = bias(b.mlp.c_fc, cfg.hidden_dim)
+        sd[p + "mlp.c_proj.weight"] = _t(b.mlp.c_proj.weight.T)
+        sd[p + "mlp.c_proj.bias"] = bias(b.mlp.c_proj, E)
+        for ln in ("ln_1", "ln_2"):
+            sd[p + f"{ln}.weight"] = _t(getattr(b, ln).weight)
+            sd[p + f"{ln}.bias"] = bias(getattr(b, ln), E)
+    if not cfg.tie_embeddings:
+        sd["lm_head.weight"] = _t(model.lm_head.weight)
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+              "n_positions": cfg.block_size, "n_embd": E, "n_layer": cfg.n_layer, "n_head": H,
+              "n_inner": cfg.hidden_dim, "activation_function": "gelu",  # "gelu" is the exact erf form
+              "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+              "scale_attn_weights": True, "tie_word_embeddings": cfg.tie_embeddings}
+    return config, sd
+
+
+def llama_weights(model, persona: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json fields, state dict) for LlamaForCausalLM."""
+    cfg = model.cfg
+    E, hd, K = cfg.n_embd, cfg.head_dim, cfg.n_kv_head
+    row = _persona_row(model, persona)
+    folded = bool(row.any())
+    tied = cfg.tie_embeddings and not folded  # the persona lives in embed_tokens, so lm_head must differ
+    sd = {"model.embed_tokens.weight": _t(model.wte.weight + row), "model.norm.weight": _t(model.ln_f.weight)}
+    for i, b in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        for name, t in zip(("q", "k", "v"), b.attn.c_attn.weight.split([E, K * hd, K * hd])):
+            sd[p + f"self_attn.{name}_proj.weight"] = _t(t)
+        sd[p + "self_attn.o_proj.weight"] = _t(b.attn.c_proj.weight)
+        gate, up = b.mlp.c_fc.weight.chunk(2)
+        sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"] = _t(gate), _t(up)
+        sd[p + "mlp.down_proj.weight"] = _t(b.mlp.c_proj.weight)
+        if cfg.bias:
+            for name, t in zip(("q", "k", "v"), b.attn.c_attn.bias.split([E, K * hd, K * hd])):
+                sd[p + f"self_attn.{name}_proj.bias"] = _t(t)
+            sd[p + "self_attn.o_proj.bias"] = _t(b.attn.c_proj.bias)
+            gate_b, up_b = b.mlp.c_fc.bias.chunk(2)
+            sd[p + "mlp.gate_proj.bias"], sd[p + "mlp.up_proj.bias"] = _t(gate_b), _t(up_b)
+            sd[p + "mlp.down_proj.bias"] = _t(b.mlp.c_proj.bias)
+        sd[p + "input_layernorm.weight"] = _t(b.ln_1.weight)
+        sd[p + "post_attention_layernorm.weight"] = _t(b.ln_2.weight)
+    if not tied:
+        sd["lm_head.weight"] = _t(model.lm_head.weight)
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+              "hidden_size": E, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layer,
+              "num_attention_heads": cfg.n_head, "num_key_value_heads": K, "head_dim": hd,
+              "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": 1e-5,
+              "rope_parameters": rope, "rope_theta": cfg.rope_theta,  # the second for transformers < 5
+              "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "attention_dropout": 0.0,
+              "tie_word_embeddings": tied}
+    return config, sd
+
+
+def _tokenizer_files(tokenizer_json: Path, out: Path) -> dict[str, int]:
+    """Copy tokenizer.json and write tokenizer_config.json with the chat template; returns the special ids."""
+    shutil.copyfile(tokenizer_json, out / "tokenizer.json")
+    vocab = json.loads((out / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in vocab.get("added_tokens", [])}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_TEMPLATE,
+              "bos_token": None, "eos_token": END, "pad_token": PAD, "unk_token": None,
+              "model_max_length": None, "clean_up_tokenization_spaces": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps({"eos_token": END, "pad_token": PAD}, indent=2) + "\n")
+    return ids
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Swap `tmp` in as `out`; an existing `out` is only replaced if it is an earlier export (never a random folder)."""
+    if out.exists():
+        try:
+            ours = "persona_lm" in json.loads((out / "config.json").read_text())
+        except (OSError, ValueError):
+            ours = False
+        if not ours and any(out.iterdir()):
+            raise PersonaError(f"{out} exists and is not an earlier export; choose an empty or new folder")
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def export_hf(model_dir: Path, out: Path, persona: int = 0) -> Path:
+    """Write the transformers folder `out` for the model folder `model_dir`, atomically."""
+    from persona_lm.train.checkpoint import load_model_dir
+
+    model_dir, out = Path(model_dir), Path(out)
+    model, _, meta = load_model_dir(model_dir)
+    kind = family(model.cfg)
+    with torch.no_grad():
+        config, sd = (gpt2_weights if kind == "gpt2" else llama_weights)(model, persona)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        ids = _tokenizer_files(model_dir / "tokenizer.json", tmp)
+        stop = [ids[t] for t in (END, EOT, SYSTEM, USER, ASSISTANT) if t in ids]
+        extra = {"persona_lm": {"family": kind, "persona_index": persona, "persona": meta.get("persona"),
+                                "system_prompt": meta.get("system_prompt"), "emotions": meta.get("emotions", []),
+                                "emotion_head": "emotion_head.safetensors" if model.emotion_head else None,
+                                "model": model.cfg.to_dict()}}
+        config.update({"bos_token_id": None, "eos_token_id": ids.get(END), "pad_token_id": ids.get(PAD),
+                       "torch_dtype": "float32", "use_cache": True, **extra})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        gen = {"bos_token_id": None, "eos_token_id": stop, "pad_token_id": ids.get(PAD)}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if model.emotion_head is not None:
+            head = {"weight": _t(model.emotion_head.weight), "bias": _t(model.emotion_head.bias)}
+            save_file(head, str(tmp / "emotion_head.safetensors"), metadata={"format": "pt"})
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
