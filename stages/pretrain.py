@@ -18,9 +18,10 @@ OUT = Path("models/pretrain")
 def main(p: Params) -> None:
     tok = ChatTokenizer.from_file(phase.TOKENIZER)
     personal = phase.personal_texts()
+    train_texts, val_texts = phase.corpus_texts("train"), phase.corpus_texts("val")
     batches = CorpusBatches(
-        train=phase.token_stream(tok, phase.corpus_texts("train")),
-        val=phase.token_stream(tok, phase.corpus_texts("val") or phase.corpus_texts("train")[:1]),
+        train=phase.token_stream(tok, train_texts),
+        val=phase.token_stream(tok, val_texts or train_texts[:1]),
         personal=phase.token_stream(tok, personal) if personal else None,
         personal_mix=p.pretrain.personal_mix, batch_size=p.pretrain.batch_size,
         block_size=p.model.block_size, seed=p.seed)

@@ -52,23 +52,24 @@ CHAT_TEMPLATE = (
 )
 
 
+# position scheme -> (family, its name, the options it needs)
+FAMILIES = {"learned": ("gpt2", "GPT-2", {"norm": "layernorm", "mlp": "gelu"}),
+            "rope": ("llama", "Llama", {"norm": "rmsnorm", "mlp": "swiglu"})}
+
+
 def family(cfg) -> str:
     """"gpt2" or "llama", or a PersonaError naming the option neither stock architecture can express."""
-    if cfg.pos == "learned":
-        for option, value, want in (("norm", cfg.norm, "layernorm"), ("mlp", cfg.mlp, "gelu")):
-            if value != want:
-                raise PersonaError(f"cannot export model.{option}={value} with model.pos=learned: the GPT-2 "
-                                   f"architecture needs model.{option}={want} (or use the Llama family: "
-                                   "pos=rope, norm=rmsnorm, mlp=swiglu)")
-        return "gpt2"
-    if cfg.pos == "rope":
-        for option, value, want in (("norm", cfg.norm, "rmsnorm"), ("mlp", cfg.mlp, "swiglu")):
-            if value != want:
-                raise PersonaError(f"cannot export model.{option}={value} with model.pos=rope: the Llama "
-                                   f"architecture needs model.{option}={want} (or use the GPT-2 family: "
-                                   "pos=learned, norm=layernorm, mlp=gelu)")
-        return "llama"
-    raise PersonaError(f"cannot export model.pos={cfg.pos}: only learned (GPT-2) and rope (Llama) are supported")
+    if cfg.pos not in FAMILIES:
+        raise PersonaError(f"cannot export model.pos={cfg.pos}: only learned (GPT-2) and rope (Llama) are supported")
+    name, title, needs = FAMILIES[cfg.pos]
+    for option, want in needs.items():
+        value = getattr(cfg, option)
+        if value != want:
+            other_pos, (_, other, other_needs) = next((k, v) for k, v in FAMILIES.items() if k != cfg.pos)
+            alt = ", ".join([f"pos={other_pos}"] + [f"{k}={v}" for k, v in other_needs.items()])
+            raise PersonaError(f"cannot export model.{option}={value} with model.pos={cfg.pos}: the {title} "
+                               f"architecture needs model.{option}={want} (or use the {other} family: {alt})")
+    return name
 
 
 def _t(x: torch.Tensor) -> torch.Tensor:

@@ -158,7 +158,8 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
         checkpoint.load_weights(raw, path / "model.safetensors")
         state = checkpoint.load_state(path)
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         if dd.main:
             torch.set_rng_state(state["rng"])
         step = resumed = int(state["step"])
