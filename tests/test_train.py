@@ -179,6 +179,7 @@ def test_ddp_two_processes_on_gloo(project, tmp_path):
     assert all(torch.isfinite(t).all() for t in weights.values())
     metrics = yaml.safe_load((d / "reports/pretrain.json").read_text())
     assert metrics["step"] == 40
+    assert sorted(x.name for x in (d / "models").iterdir() if x.name.startswith(".pretrain")) == []
 
 
 def test_rows_choose_their_persona_embedding():

@@ -105,6 +105,7 @@ class PhaseResult:
     tokens_per_s: float
     resumed_from: int | None
     extra: dict
+    main: bool = True  # False on the non-zero ranks of a DDP run, which must not write outputs
 
 
 @torch.no_grad()
@@ -248,4 +249,4 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
     distributed.cleanup(dd)
     return PhaseResult(step=step, train_loss=train_loss, val_loss=val.get("loss", float("nan")),
                        tokens_per_s=tok_rate, resumed_from=resumed,
-                       extra={k: v for k, v in val.items() if k != "loss"})
+                       extra={k: v for k, v in val.items() if k != "loss"}, main=dd.main)

@@ -144,9 +144,12 @@ def load_phase_model(path: Path, p: Params, emotion_head: bool = False) -> tuple
     return model, tok
 
 
-def finish(p: Params, name: str, model: GPT, result: PhaseResult, out: Path) -> dict:
+def finish(p: Params, name: str, model: GPT, result: PhaseResult, out: Path) -> dict | None:
     """Write the phase's model folder, its metrics (losses, parameter breakdown: reproducible) and its
-    throughput (reports/speed/: a timing, kept apart so metrics compare exactly across runs)."""
+    throughput (reports/speed/: a timing, kept apart so metrics compare exactly across runs). Under DDP only
+    rank 0 writes: every rank holds the same weights, and two renames onto one folder would collide."""
+    if not result.main:
+        return None
     checkpoint.save_model_dir(out, model, TOKENIZER, {
         "emotions": p.persona.emotions, "persona": p.persona.name, "system_prompt": p.persona.system_prompt,
         "phase": name, "step": result.step, "git_sha": checkpoint.git_sha(),
