@@ -20,3 +20,26 @@ def shared_data() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"real public data not found at {SHARED}")
     return SHARED
+
+
+def tiny_model_dir(tmp: Path, lines: list[str], emotions: list[str], block_size: int = 64) -> Path:
+    """An untrained one-layer model folder (tokenizer trained on `lines`) for the chat, server and page tests."""
+    import torch
+    import torch.nn as nn
+
+    from persona_lm.model import GPT, GPTConfig
+    from persona_lm.tokenizer import save_tokenizer, train_tokenizer
+    from persona_lm.train.checkpoint import save_model_dir
+
+    tok = train_tokenizer(lines * 3, "bpe", 300, emotions)
+    save_tokenizer(tok, tmp / "tokenizer.json")
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), block_size=block_size, n_layer=1, n_head=2, n_embd=32,
+                          n_emotions=len(emotions), tie_embeddings=False))
+    with torch.no_grad():  # spread the logits: an untrained tied model answers <|assistant|> (a stop token) at once
+        nn.init.normal_(model.wte.weight, std=0.5)
+        nn.init.normal_(model.lm_head.weight, std=0.5)
+    out = tmp / "final"
+    save_model_dir(out, model, tmp / "tokenizer.json",
+                   {"emotions": emotions, "persona": "Rosie", "system_prompt": "You are Rosie."})
+    return out

@@ -6,13 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-import torch.nn as nn
 
+from conftest import tiny_model_dir
 from persona_lm.chat import Chat
-from persona_lm.model import GPT, GPTConfig
-from persona_lm.tokenizer import save_tokenizer, train_tokenizer
-from persona_lm.train.checkpoint import load_model_dir, save_model_dir
+from persona_lm.train.checkpoint import load_model_dir
 
 EMOTIONS = ["joy", "sadness", "anger"]
 LINES = ["Hello there, how are you today?", "I am fine, thank you.", "What a lovely day for a walk in the park.",
@@ -22,19 +19,7 @@ CLI = Path(sys.executable).parent / "persona-lm"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("chat")
-    tok = train_tokenizer(LINES * 3, "bpe", 300, EMOTIONS)
-    save_tokenizer(tok, tmp / "tokenizer.json")
-    torch.manual_seed(3)
-    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), block_size=64, n_layer=1, n_head=2, n_embd=32,
-                          n_emotions=len(EMOTIONS), tie_embeddings=False))
-    with torch.no_grad():  # spread the logits: an untrained tied model answers <|assistant|> (a stop token) at once
-        nn.init.normal_(model.wte.weight, std=0.5)
-        nn.init.normal_(model.lm_head.weight, std=0.5)
-    out = tmp / "final"
-    save_model_dir(out, model, tmp / "tokenizer.json",
-                   {"emotions": EMOTIONS, "persona": "Rosie", "system_prompt": "You are Rosie."})
-    return out
+    return tiny_model_dir(tmp_path_factory.mktemp("chat"), LINES, EMOTIONS)
 
 
 def chat_cli(model_dir, lines, *args):

@@ -53,30 +53,10 @@ class Chat:
         return [{"from": "system", "value": self.system}] if self.system else []
 
     def fit(self, user: str) -> tuple[list[int], str]:
-        """(prompt ids, the user text actually used), with len(prompt) + reserve <= block_size.
-
-        Drops the oldest whole pairs from `self.history` as needed; truncates `user` from the left only when
-        the system prompt plus `user` alone cannot fit.
-        """
-        budget = self.model.cfg.block_size - self.reserve
-        while True:
-            ids = self.tok.prompt(self._head() + self.history + [{"from": "human", "value": user}])
-            if len(ids) <= budget or not self.history:
-                break
-            self.history = self.history[2:]
-        if len(ids) <= budget:
-            return ids, user
-        # Only the system prompt and the new turn are left: keep the end of the user's text.
-        head = self.tok.prompt(self._head())[:-1]  # drop the assistant marker that prompt() appends
-        room = budget - len(head) - 3  # <|user|> ... <|end|> <|assistant|>
-        if room < 1:
-            raise PersonaError(f"the system prompt alone ({len(head)} tokens) leaves no room in the model's context "
-                               f"of {self.model.cfg.block_size} tokens; use a shorter one or a smaller --max-new-tokens")
-        body = self.tok.encode_content(user)
-        kept = self.tok.decode(body[-room:])
-        self.warn(f"[your message was {len(body)} tokens; only its last {room} fit the context]")
-        ids = head + [self.tok.role["human"]] + body[-room:] + [self.tok.end, self.tok.role["gpt"]]
-        return ids, kept
+        """(prompt ids, the user text actually used); drops the oldest pairs from the history as needed."""
+        ids, self.history, user = fit(self.tok, self.model.cfg.block_size - self.reserve, self._head(),
+                                      self.history, user, self.warn)
+        return ids, user
 
     def reply(self, user: str) -> Iterator[str]:
         """Stream the reply to `user` as text deltas; the turn pair joins the history once the reply is done,
@@ -92,6 +72,31 @@ class Chat:
         self.n_replies += 1
         self.last_emotion = gen.result.emotion
         self.history += [{"from": "human", "value": user}, {"from": "gpt", "value": gen.result.text}]
+
+
+def fit(tok, budget: int, head: list[dict], history: list[dict], user: str, warn) -> tuple[list[int], list[dict], str]:
+    """(prompt ids, the history kept, the user text used) with len(prompt) <= budget.
+
+    Drops the oldest whole pairs from `history`; truncates `user` from the left only when the system turns
+    (`head`) plus `user` alone cannot fit, and then says so through `warn`. The chat loop and the server share it.
+    """
+    while True:
+        ids = tok.prompt(head + history + [{"from": "human", "value": user}])
+        if len(ids) <= budget or not history:
+            break
+        history = history[2:]
+    if len(ids) <= budget:
+        return ids, history, user
+    # Only the system turns and the new one are left: keep the end of the user's text.
+    start = tok.prompt(head)[:-1]  # drop the assistant marker that prompt() appends
+    room = budget - len(start) - 3  # <|user|> ... <|end|> <|assistant|>
+    if room < 1:
+        raise PersonaError(f"the system prompt alone ({len(start)} tokens) leaves no room in a budget of {budget} "
+                           "tokens; use a shorter one or fewer new tokens")
+    body = tok.encode_content(user)
+    warn(f"[your message was {len(body)} tokens; only its last {room} fit the context]")
+    ids = start + [tok.role["human"]] + body[-room:] + [tok.end, tok.role["gpt"]]
+    return ids, history, tok.decode(body[-room:])
 
 
 def command(chat: Chat, line: str, state: dict) -> bool:

@@ -48,6 +48,30 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from persona_lm.server import Limits, Sampling, main as serve
+
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, max_open=args.max_open,
+                    default_max_tokens=args.max_new_tokens)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty)
+    for name, value, low in (("--max-body-bytes", args.max_body_bytes, 1024), ("--max-tokens-limit", args.max_tokens_limit, 1),
+                             ("--max-open", args.max_open, 1), ("--max-new-tokens", args.max_new_tokens, 1)):
+        if value < low:
+            raise PersonaError(f"{name} must be at least {low}, got {value}")
+    if args.max_new_tokens > args.max_tokens_limit:
+        raise PersonaError(f"--max-new-tokens ({args.max_new_tokens}) exceeds --max-tokens-limit ({args.max_tokens_limit})")
+    return serve(args.model, host=args.host, port=args.port, limits=limits, sampling=sampling)
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="models/final", help="model folder (default: models/final)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona-lm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,14 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
     p = sub.add_parser("chat", help="chat with a model folder (reads stdin line by line when piped)")
-    p.add_argument("--model", default="models/final", help="model folder (default: models/final)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    _sampling_args(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API and web chat page for a model folder")
+    _sampling_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="reply length when a request sets no max_tokens")
+    p.add_argument("--max-tokens-limit", type=int, default=2048, help="the largest max_tokens a request may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--max-open", type=int, default=64, help="requests open at once; more get 429")
+    p.set_defaults(func=_serve)
     return parser
 
 
