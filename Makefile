@@ -9,6 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
+export SE_AVOID_STATS := true
 # Stage commands say `python`: make it the environment's.
 export PATH := $(abspath $(BIN)):$(PATH)
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,3 +47,36 @@ def tiny_model_dir(tmp: Path, lines: list[str], emotions: list[str], block_size:
     save_model_dir(out, model, tmp / "tokenizer.json",
                    {"emotions": emotions, "persona": "Rosie", "system_prompt": "You are Rosie."})
     return out
+
+
+class Server:
+    """`persona-lm serve --port 0` in a subprocess; `url` is read from the line it prints once bound."""
+
+    def __init__(self, model: Path, *args: str):
+        cli = Path(sys.executable).parent / "persona-lm"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([str(cli), "serve", "--model", str(model), "--port", "0", *args],
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        line = self.proc.stderr.readline()
+        assert "serving Rosie at http://127.0.0.1:" in line, line + self.proc.stderr.read()
+        self.url = line.split(" at ")[1].split()[0].rstrip("/")
+        wait_ready(self.url)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+
+
+def wait_ready(url: str) -> None:
+    """Poll /v1/models until the app answers (the socket is bound before uvicorn starts serving)."""
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

@@ -4,7 +4,6 @@ server running; a client that hangs up frees its slot."""
 
 import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import tiny_model_dir
+from conftest import Server, tiny_model_dir
 from persona_lm.generate import generate
 from persona_lm.server import APIError, Engine
 from persona_lm.train.checkpoint import load_model_dir
@@ -28,32 +27,6 @@ LINES = ["Hello there, how are you today?", "I am fine, thank you. 🙂", "Café
 CLI = Path(sys.executable).parent / "persona-lm"
 
 
-class Server:
-    def __init__(self, model: Path, *args: str):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([str(CLI), "serve", "--model", str(model), "--port", "0", *args],
-                                     stderr=subprocess.PIPE, text=True, env=env)
-        line = self.proc.stderr.readline()  # the URL line, printed once the socket is bound
-        assert "serving Rosie at http://127.0.0.1:" in line, line + self.proc.stderr.read()
-        self.url = line.split(" at ")[1].split()[0].rstrip("/")
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
-
-
-def wait_ready(url: str) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return tiny_model_dir(tmp_path_factory.mktemp("serve"), LINES, EMOTIONS, block_size=128)
@@ -62,7 +35,6 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(model_dir):
     s = Server(model_dir)
-    wait_ready(s.url)
     yield s
     s.close()
 
@@ -214,7 +186,6 @@ def test_server_survives_everything_above(server, client):
 def test_a_client_that_hangs_up_frees_its_slot(model_dir):
     s = Server(model_dir, "--max-open", "1", "--max-tokens-limit", "10000000")
     try:
-        wait_ready(s.url)
         body = {"model": "rosie", "messages": [{"role": "user", "content": "go on"}], "stream": True,
                 "max_tokens": 10000000, "ignore_eos": True}
         with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as r:
