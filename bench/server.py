@@ -4,11 +4,11 @@
 
 Starts the server on a free loopback port, then for each concurrency level sends that many streaming
 requests at once (different prompts, temperature 0.8, fixed seeds, `ignore_eos` so every reply is exactly
---new tokens) over raw loopback sockets, all from one asyncio loop. Per stream: TTFT = request sent -> first content delta;
-tokens/s = --new / (last delta - first delta). Aggregate = all tokens / wall time of the round. Each figure is
-the median over streams of the best of --repeat rounds (rounds are ranked by wall time). The engine runs the
-streams in turn on one worker thread, so per-stream speed divides among concurrent streams while the total
-stays close to one stream's.
+--new tokens) over raw loopback sockets, all from one asyncio loop. Per stream: TTFT = request sent -> first
+content delta; tokens/s = --new / (last delta - first delta). Total = all tokens / wall time of the round.
+Each figure is the median over streams in the best of --repeat rounds (ranked by wall time). The engine runs
+the streams in turn on one worker thread, so per-stream speed divides among concurrent streams while the
+total stays close to one stream's.
 """
 
 from __future__ import annotations

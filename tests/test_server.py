@@ -222,8 +222,7 @@ def test_engine_refuses_beyond_its_limit():
             assert e.value.status == 429
             for job in jobs:
                 assert (await job.events.get())[0] == "done"
-            engine.done()
-            engine.submit(Never())  # a finished request makes room
+            engine.submit(Never())  # finished requests make room
         finally:
             engine.stop()
 

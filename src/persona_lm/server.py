@@ -81,30 +81,37 @@ class Job:
 class Engine:
     """The worker thread that owns the model: admits new jobs, then advances each open job by one text delta
     per round. Generations are independent (own KV cache, own seeded generator), so interleaving them changes
-    nothing in any one reply; a cancelled job (client gone) is dropped at its next turn."""
+    nothing in any one reply. A job holds its slot until the worker is done with it: finished, failed, or
+    cancelled (client gone), which is noticed at its next turn."""
 
     def __init__(self, max_open: int):
         self.max_open = max_open
         self.inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self.open = 0  # submitted and not yet finished; touched only on the event loop thread
+        self.lock = threading.Lock()
+        self.open = 0
         self.thread = threading.Thread(target=self._run, name="persona-lm-engine", daemon=True)
         self.thread.start()
 
     def submit(self, generation) -> Job:
-        if self.open >= self.max_open:
-            raise APIError(429, f"the server is busy ({self.open} requests open, limit {self.max_open}); retry later",
-                           type_="rate_limit_error", code="server_busy")
+        with self.lock:
+            if self.open >= self.max_open:
+                raise APIError(429, f"the server is busy ({self.open} requests open, limit {self.max_open}); "
+                               "retry later", type_="rate_limit_error", code="server_busy")
+            self.open += 1
         job = Job(generation, asyncio.get_running_loop())
-        self.open += 1
         self.inbox.put(job)
         return job
-
-    def done(self) -> None:
-        self.open -= 1
 
     def stop(self) -> None:
         self.inbox.put(None)
         self.thread.join(timeout=10)
+
+    def _finish(self, active: list[Job], job: Job, kind: str | None = None, value=None) -> None:
+        active.remove(job)
+        with self.lock:
+            self.open -= 1
+        if kind:
+            job.emit(kind, value)
 
     def _run(self) -> None:
         active: list[Job] = []
@@ -121,16 +128,14 @@ class Engine:
             for job in list(active):
                 if job.cancelled:
                     job.it.close()
-                    active.remove(job)
+                    self._finish(active, job)
                     continue
                 try:
                     delta = next(job.it)
                 except StopIteration:
-                    job.emit("done", job.generation.result)
-                    active.remove(job)
+                    self._finish(active, job, "done", job.generation.result)
                 except Exception as e:  # a bug in one generation must not take the others down
-                    job.emit("error", e)
-                    active.remove(job)
+                    self._finish(active, job, "error", e)
                 else:
                     job.emit("delta", delta)
 
@@ -337,7 +342,7 @@ def create_app(model, tok, config: dict, *, limits: Limits = Limits(), sampling:
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(job, engine, rid, now, model_id, usage), media_type="text/event-stream",
+            return StreamingResponse(_sse(job, rid, now, model_id, usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             parts = []
@@ -351,7 +356,6 @@ def create_app(model, tok, config: dict, *, limits: Limits = Limits(), sampling:
                     break
         finally:
             job.cancelled = True  # a no-op once finished; stops the work when the client went away
-            engine.done()
         result = value
         return {"id": rid, "object": "chat.completion", "created": now, "model": model_id,
                 "choices": [{"index": 0, "finish_reason": result.finish_reason, "logprobs": None,
@@ -366,7 +370,7 @@ def _usage(result) -> dict:
             "total_tokens": result.n_prompt + result.n_new}
 
 
-async def _sse(job: Job, engine: Engine, rid: str, created: int, model_id: str, include_usage: bool):
+async def _sse(job: Job, rid: str, created: int, model_id: str, include_usage: bool):
     """SSE chunks in OpenAI's order: role, content deltas, the finish chunk (with the emotion), optional
     usage, then `[DONE]`. A client that disconnects cancels the generation."""
 
@@ -393,8 +397,7 @@ async def _sse(job: Job, engine: Engine, rid: str, created: int, model_id: str, 
                 yield "data: [DONE]\n\n"
                 return
     finally:
-        job.cancelled = True
-        engine.done()
+        job.cancelled = True  # a no-op once finished; stops the work when the client went away
 
 
 def main(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
