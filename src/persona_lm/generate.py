@@ -25,28 +25,27 @@ import torch
 
 
 class KVCache:
-    """Preallocated keys and values for every layer, (batch, n_kv_head, block_size, head_dim) each.
+    """Preallocated keys and values for every layer: one (batch, 2 * n_kv_head, block_size, head_dim) buffer
+    each, keys in the first n_kv_head heads and values in the rest.
 
-    The attention layers call `append(layer, k, v)` once per layer with the new chunk and attend over the
-    returned views; the model calls `advance(T)` after the last layer. Nothing is allocated per step: the
-    chunk is copied into the buffer and the views are narrowed slices of it.
+    The attention layers call `append(layer, kv)` once per layer with the new chunk (keys and values as one
+    tensor: one copy) and attend over the returned view; the model calls `advance(T)` after the last layer.
+    Nothing is allocated per step.
     """
 
     def __init__(self, cfg, batch_size: int = 1, device=None, dtype=torch.float32):
-        shape = (batch_size, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        shape = (batch_size, 2 * cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+        self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.block_size = cfg.block_size
         self.length = 0
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start, T = self.length, k.shape[2]
+    def append(self, layer: int, kv: torch.Tensor) -> torch.Tensor:
+        start, T = self.length, kv.shape[2]
         if start + T > self.block_size:
             raise ValueError(f"KV cache overflow: {start} + {T} tokens > block_size {self.block_size}")
-        kb, vb = self.k[layer], self.v[layer]
-        kb.narrow(2, start, T).copy_(k)
-        vb.narrow(2, start, T).copy_(v)
-        return kb.narrow(2, 0, start + T), vb.narrow(2, 0, start + T)
+        buf = self.kv[layer]
+        buf.narrow(2, start, T).copy_(kv)
+        return buf.narrow(2, 0, start + T)
 
     def advance(self, T: int) -> None:
         self.length += T
