@@ -229,6 +229,36 @@ def test_engine_refuses_beyond_its_limit():
     asyncio.run(run())
 
 
+def test_engine_keeps_serving_when_one_generation_fails():
+    class Count:
+        def __init__(self, n, fail_at=None):
+            self.n, self.fail_at, self.result = n, fail_at, f"counted to {n}"
+
+        def __iter__(self):
+            for i in range(self.n):
+                if i == self.fail_at:
+                    raise RuntimeError("boom")
+                yield str(i)
+
+    async def events(job):
+        out = []
+        while not out or out[-1][0] == "delta":
+            out.append(await job.events.get())
+        return out
+
+    async def run():
+        engine = Engine(max_open=4)
+        try:
+            bad, good = engine.submit(Count(10, fail_at=3)), engine.submit(Count(6))
+            got_bad, got_good = await events(bad), await events(good)
+        finally:
+            engine.stop()
+        assert [v for k, v in got_bad if k == "delta"] == ["0", "1", "2"] and got_bad[-1][0] == "error"
+        assert [v for k, v in got_good if k == "delta"] == list("012345") and got_good[-1] == ("done", "counted to 6")
+
+    asyncio.run(run())
+
+
 def test_serve_refuses_a_port_in_use_in_one_line(model_dir):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

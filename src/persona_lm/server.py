@@ -241,11 +241,10 @@ def page() -> str:
     return resources.files("persona_lm").joinpath("web/index.html").read_text(encoding="utf-8")
 
 
-def create_app(model, tok, config: dict, *, limits: Limits = Limits(), sampling: Sampling = Sampling(),
-               model_id: str | None = None):
+def create_app(model, tok, config: dict, *, limits: Limits = Limits(), sampling: Sampling = Sampling()):
     """The ASGI app for one loaded model. The engine thread starts with the app and stops with it."""
     persona = config.get("persona") or "assistant"
-    model_id = model_id or persona.lower().replace(" ", "-")
+    model_id = persona.lower().replace(" ", "-")
     emotions = config.get("emotions") or None
     system = config.get("system_prompt") or ""
     block = model.cfg.block_size
@@ -345,18 +344,13 @@ def create_app(model, tok, config: dict, *, limits: Limits = Limits(), sampling:
             return StreamingResponse(_sse(job, rid, now, model_id, usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            parts = []
-            while True:
-                kind, value = await job.events.get()
-                if kind == "delta":
-                    parts.append(value)
-                elif kind == "error":
-                    raise APIError(500, f"generation failed: {value}")
-                else:
-                    break
+            kind, result = await job.events.get()
+            while kind == "delta":  # the text arrives whole in the result
+                kind, result = await job.events.get()
         finally:
             job.cancelled = True  # a no-op once finished; stops the work when the client went away
-        result = value
+        if kind == "error":
+            raise APIError(500, f"generation failed: {result}")
         return {"id": rid, "object": "chat.completion", "created": now, "model": model_id,
                 "choices": [{"index": 0, "finish_reason": result.finish_reason, "logprobs": None,
                              "message": {"role": "assistant", "content": result.text, "emotion": result.emotion}}],
