@@ -152,7 +152,7 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
     raw = model.to(device)
     raw.grad_checkpointing = phase.grad_checkpointing
     optimizer = make_optimizer(raw, phase, device.split(":")[0])
-    step, resumed = 0, None
+    step, resumed, train_loss = 0, None, float("nan")
     found = checkpoint.latest(ckpt_dir, params_hash)
     if found:
         path, ck_meta = found
@@ -164,6 +164,7 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
         if dd.main:
             torch.set_rng_state(state["rng"])
         step = resumed = int(state["step"])
+        train_loss = float(state.get("train_loss", float("nan")))  # what a run resumed at its end reports
         log.info("%s: resuming from %s (step %d of %d)", name, path, step, phase.max_iters)
     elif ckpt_dir.exists() and dd.main:
         checkpoint.clear(ckpt_dir)
@@ -180,7 +181,7 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
     bar = tqdm(total=phase.max_iters, initial=step, desc=name, disable=not dd.main, file=sys.stderr,
                mininterval=1.0 if sys.stderr.isatty() else 15.0, dynamic_ncols=True)
     log_every = max(1, min(10, phase.eval_interval))
-    train_loss, val = float("nan"), {}
+    val = {}
     tokens, t0, tok_rate = 0, time.perf_counter(), 0.0
     fwd.train()
     while step < phase.max_iters:
@@ -236,7 +237,7 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
         if step % phase.ckpt_interval == 0 or step == phase.max_iters:
             if dd.main:
                 state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                         "scaler": scaler.state_dict() if scaler.is_enabled() else {}}
+                         "train_loss": train_loss, "scaler": scaler.state_dict() if scaler.is_enabled() else {}}
                 checkpoint.save(ckpt_dir, step, raw, state, {**meta, "params_hash": params_hash,
                                 "live_dir": str(meta["live_dir"])}, phase.keep_checkpoints)
             distributed.barrier(dd)
