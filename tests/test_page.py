@@ -7,7 +7,6 @@ browser fails instead of skipping."""
 
 import os
 import shutil
-from pathlib import Path
 
 import httpx
 import pytest
