@@ -1,6 +1,7 @@
 """The training loop: one label shift, exact assistant masks, exact gradient accumulation, NaN stops,
 damaged checkpoints skipped, bit-identical resume after SIGKILL, and DDP on gloo."""
 
+import math
 import os
 import signal
 import subprocess
@@ -72,12 +73,20 @@ def test_grad_accumulation_equals_one_big_batch():
             assert torch.allclose(big[name], p.grad, atol=1e-6), name
 
 
-def test_lr_schedule_warmup_then_cosine():
-    ph = Pretrain(max_iters=100, lr=1.0, min_lr=0.1, warmup_iters=10)
-    lrs = [lr_at(s, ph) for s in range(100)]
-    assert lrs[0] < lrs[5] < lrs[9] <= 1.0
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+def test_lr_schedule_warmup_hold_then_decay():
+    ph = Pretrain(max_iters=110, lr=1.0, min_lr=0.1, warmup_iters=10, cooldown=0.3, decay="linear")
+    lrs = [lr_at(s, ph) for s in range(111)]
+    assert lrs[0] < lrs[5] < lrs[9] < 1.0
+    assert lrs[10:80] == [1.0] * 70                      # held until the last 30 of the 100 post-warmup steps
+    assert all(a > b for a, b in zip(lrs[80:], lrs[81:]))
+    assert lrs[95] == pytest.approx(1.0 - 0.9 * 15 / 30)  # linear
+    assert lrs[110] == pytest.approx(0.1)
+
+
+def test_lr_schedule_cooldown_one_is_nanogpt_cosine():
+    ph = Pretrain(max_iters=100, lr=1.0, min_lr=0.1, warmup_iters=10, cooldown=1.0, decay="cosine")
+    for s in range(10, 101):
+        assert lr_at(s, ph) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * (s - 10) / 90)))
 
 
 def test_nan_loss_stops_without_writing(tmp_path):

@@ -293,6 +293,9 @@ class Phase(Section):
     lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(1e-4, ge=0)
     warmup_iters: int = Field(20, ge=0)
+    cooldown: float = Field(0.3, gt=0, le=1, description="share of the post-warmup steps that decay lr to min_lr; "
+                            "lr holds before them (1 = decay throughout, nanoGPT's schedule)")
+    decay: Literal["linear", "cosine"] = "linear"
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
