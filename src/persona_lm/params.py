@@ -321,7 +321,12 @@ class Pretrain(Phase):
 
 
 class Finetune(Phase):
+    """Fine-tuning decays lr from the start (cosine): on the default data, holding it as pretraining does fits the
+    chat loss better (2.43 against 2.74) but the model then forgets its name in half the persona checks."""
+
     max_iters: int = Field(700, ge=1)
+    cooldown: float = Field(1.0, gt=0, le=1)
+    decay: Literal["linear", "cosine"] = "cosine"
     replay: float = Field(0.1, ge=0, le=1, description="share of batches that replay corpus text")
 
 
@@ -332,6 +337,8 @@ class Emotion(Phase):
     lr: float = Field(5e-4, gt=0)
     min_lr: float = Field(5e-5, ge=0)
     warmup_iters: int = Field(10, ge=0)
+    cooldown: float = Field(1.0, gt=0, le=1)
+    decay: Literal["linear", "cosine"] = "cosine"
     eval_interval: int = Field(50, ge=1)
     ckpt_interval: int = Field(50, ge=1)
     lm_weight: float = Field(0.5, ge=0, description="weight of the LM loss next to the emotion loss")
