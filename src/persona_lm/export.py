@@ -135,19 +135,13 @@ def llama_weights(model, persona: int = 0) -> tuple[dict, dict[str, torch.Tensor
     sd = {"model.embed_tokens.weight": _t(model.wte.weight + row), "model.norm.weight": _t(model.ln_f.weight)}
     for i, b in enumerate(model.blocks):
         p = f"model.layers.{i}."
-        for name, t in zip(("q", "k", "v"), b.attn.c_attn.weight.split([E, K * hd, K * hd])):
-            sd[p + f"self_attn.{name}_proj.weight"] = _t(t)
-        sd[p + "self_attn.o_proj.weight"] = _t(b.attn.c_proj.weight)
-        gate, up = b.mlp.c_fc.weight.chunk(2)
-        sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"] = _t(gate), _t(up)
-        sd[p + "mlp.down_proj.weight"] = _t(b.mlp.c_proj.weight)
-        if cfg.bias:
-            for name, t in zip(("q", "k", "v"), b.attn.c_attn.bias.split([E, K * hd, K * hd])):
-                sd[p + f"self_attn.{name}_proj.bias"] = _t(t)
-            sd[p + "self_attn.o_proj.bias"] = _t(b.attn.c_proj.bias)
-            gate_b, up_b = b.mlp.c_fc.bias.chunk(2)
-            sd[p + "mlp.gate_proj.bias"], sd[p + "mlp.up_proj.bias"] = _t(gate_b), _t(up_b)
-            sd[p + "mlp.down_proj.bias"] = _t(b.mlp.c_proj.bias)
+        for kind in ("weight", "bias") if cfg.bias else ("weight",):  # biases split exactly like their weights
+            for name, t in zip(("q", "k", "v"), getattr(b.attn.c_attn, kind).split([E, K * hd, K * hd])):
+                sd[p + f"self_attn.{name}_proj.{kind}"] = _t(t)
+            sd[p + f"self_attn.o_proj.{kind}"] = _t(getattr(b.attn.c_proj, kind))
+            gate, up = getattr(b.mlp.c_fc, kind).chunk(2)
+            sd[p + f"mlp.gate_proj.{kind}"], sd[p + f"mlp.up_proj.{kind}"] = _t(gate), _t(up)
+            sd[p + f"mlp.down_proj.{kind}"] = _t(getattr(b.mlp.c_proj, kind))
         sd[p + "input_layernorm.weight"] = _t(b.ln_1.weight)
         sd[p + "post_attention_layernorm.weight"] = _t(b.ln_2.weight)
     if not tied:
