@@ -56,8 +56,8 @@ def random_model(name: str, n_prompt: int):
 
 
 def trained_model(path: str):
-    from persona_lm.train.checkpoint import load_model_dir
-    model, tok, _ = load_model_dir(Path(path))
+    from persona_lm.train.checkpoint import load_model
+    model, tok, _ = load_model(Path(path))
     return model, tok, tok.prompt([{"from": "human", "value": "Hi! How was your day? Tell me about it."}])
 
 

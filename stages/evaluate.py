@@ -11,13 +11,13 @@ from persona_lm import evaluation, report, stage
 from persona_lm.io import write_json, write_text
 from persona_lm.params import Params
 from persona_lm.train import phase
-from persona_lm.train.checkpoint import load_model_dir
+from persona_lm.train.checkpoint import load_model
 
 log = logging.getLogger("persona_lm.evaluate")
 
 
 def main(p: Params) -> None:
-    model, tok, _ = load_model_dir(Path("models/final"))
+    model, tok, _ = load_model(Path("models/final"))
     emotions, e = p.persona.emotions, p.eval
     val_rows = phase.sharegpt_rows("val")
     corpus = evaluation.bits_per_byte(model, tok, phase.corpus_texts("val"), e.corpus_max_tokens)

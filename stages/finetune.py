@@ -1,5 +1,6 @@
 """Stage finetune (phase 2): the pretrained model learns the persona from ShareGPT train, with loss on the
-assistant's tokens only and an optional share of corpus batches replayed -> models/finetune/."""
+assistant's tokens only and an optional share of corpus batches replayed -> models/finetune/. All weights are
+trained, or LoRA adapters when `lora.r > 0` and `lora.phases` lists finetune."""
 
 from __future__ import annotations
 
@@ -11,19 +12,18 @@ from persona_lm.train import phase
 from persona_lm.train.batches import ChatBatches
 from persona_lm.train.loop import train
 
-OUT = Path("models/finetune")
+IN, OUT = Path("models/pretrain"), Path("models/finetune")
 
 
 def main(p: Params) -> None:
-    model, tok = phase.load_phase_model(Path("models/pretrain"), p)
+    model, tok = phase.load_phase_model(IN, p, "finetune")
     batches = ChatBatches(
         train=phase.chat_examples(p, tok, phase.sharegpt_rows("train")),
         val=phase.chat_examples(p, tok, phase.sharegpt_rows("val")),
         corpus=phase.token_stream(tok, phase.corpus_texts("train")) if p.finetune.replay > 0 else None,
-        replay=p.finetune.replay, batch_size=p.finetune.batch_size, block_size=p.model.block_size,
+        replay=p.finetune.replay, batch_size=p.finetune.batch_size, block_size=model.cfg.block_size,
         pad_id=tok.pad, seed=p.seed)
-    inputs = [Path("models/pretrain/model.safetensors"), phase.SHAREGPT, phase.CORPUS]
-    fp = phase.fingerprint(p, ["seed", "persona", "model", "finetune"], inputs)
+    fp = phase.fingerprint(p, ["seed", "persona", "model", "base", "lora", "finetune"], [IN, phase.SHAREGPT, phase.CORPUS])
     result = train(model, p.finetune, batches, phase.CHECKPOINTS / "finetune", fp,
                    {"seed": p.seed, "live_dir": "reports/train/finetune"}, "finetune")
     phase.finish(p, "finetune", model, result, OUT)

@@ -1,5 +1,9 @@
 """Stage pretrain (phase 1): next-token prediction on the corpus, with the user's own voice (transcripts and
-their side of message exports) mixed in at `pretrain.personal_mix` -> models/pretrain/."""
+their side of message exports) mixed in at `pretrain.personal_mix` -> models/pretrain/.
+
+From scratch this trains a new model. With `base.model` it continues the base's pretraining (through LoRA when
+`lora.phases` lists pretrain); `pretrain.max_iters: 0` uses the base as published and loads no weights here.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from pathlib import Path
 
 from persona_lm import stage
 from persona_lm.params import Params
-from persona_lm.tokenizer import ChatTokenizer
+from persona_lm.tokenizer import load_tokenizer
 from persona_lm.train import phase
 from persona_lm.train.batches import CorpusBatches
 from persona_lm.train.loop import train
@@ -16,7 +20,11 @@ OUT = Path("models/pretrain")
 
 
 def main(p: Params) -> None:
-    tok = ChatTokenizer.from_file(phase.TOKENIZER)
+    tok = load_tokenizer(phase.TOKENIZER)
+    if p.base.model is not None and p.pretrain.max_iters == 0:
+        phase.finish(p, "pretrain", phase.base_as_published(p, tok), phase.skipped(), OUT)
+        return
+    phase.check_lora(p, "pretrain", tok)
     personal = phase.personal_texts()
     train_texts, val_texts = phase.corpus_texts("train"), phase.corpus_texts("val")
     batches = CorpusBatches(
@@ -27,7 +35,7 @@ def main(p: Params) -> None:
         block_size=p.model.block_size, seed=p.seed)
     model = phase.new_model(p, tok)
     inputs = [phase.TOKENIZER, phase.CORPUS, phase.TRANSCRIPTS, phase.MESSAGES]
-    fp = phase.fingerprint(p, ["seed", "persona", "model", "pretrain"], [f for f in inputs if f.exists()])
+    fp = phase.fingerprint(p, ["seed", "persona", "model", "base", "lora", "pretrain"], [f for f in inputs if f.exists()])
     result = train(model, p.pretrain, batches, phase.CHECKPOINTS / "pretrain", fp,
                    {"seed": p.seed, "live_dir": "reports/train/pretrain"}, "pretrain")
     phase.finish(p, "pretrain", model, result, OUT)

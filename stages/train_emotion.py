@@ -1,5 +1,6 @@
 """Stage train_emotion (phase 3): the emotion head learns to read the mood of a reply, jointly with the LM
-loss at `emotion.lm_weight` (or alone, on a frozen backbone) -> models/final/."""
+loss at `emotion.lm_weight` (or alone, on a frozen backbone) -> models/final/. The backbone trains all its
+weights, or LoRA adapters when `lora.r > 0` and `lora.phases` lists emotion."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from persona_lm.train import phase
 from persona_lm.train.batches import EmotionBatches
 from persona_lm.train.loop import train
 
-OUT = Path("models/final")
+IN, OUT = Path("models/finetune"), Path("models/final")
 
 
 def main(p: Params) -> None:
-    model, tok = phase.load_phase_model(Path("models/finetune"), p, emotion_head=True)
+    model, tok = phase.load_phase_model(IN, p, "emotion")
     train_ex = phase.emotion_examples(p, tok, phase.sharegpt_rows("train"))
     val_ex = phase.emotion_examples(p, tok, phase.sharegpt_rows("val"))
     if not train_ex or not val_ex:
@@ -26,9 +27,8 @@ def main(p: Params) -> None:
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith("emotion_head")
     batches = EmotionBatches(train=train_ex, val=val_ex, batch_size=p.emotion.batch_size,
-                             block_size=p.model.block_size, pad_id=tok.pad, seed=p.seed)
-    inputs = [Path("models/finetune/model.safetensors"), phase.SHAREGPT]
-    fp = phase.fingerprint(p, ["seed", "persona", "model", "emotion"], inputs)
+                             block_size=model.cfg.block_size, pad_id=tok.pad, seed=p.seed)
+    fp = phase.fingerprint(p, ["seed", "persona", "model", "base", "lora", "emotion"], [IN, phase.SHAREGPT])
     result = train(model, p.emotion, batches, phase.CHECKPOINTS / "train_emotion", fp,
                    {"seed": p.seed, "live_dir": "reports/train/emotion"}, "train_emotion",
                    lm_weight=p.emotion.lm_weight)

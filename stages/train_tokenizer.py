@@ -1,7 +1,10 @@
-"""Stage train_tokenizer: filtered corpus + ShareGPT train text -> models/tokenizer/tokenizer.json.
+"""Stage train_tokenizer: filtered corpus + ShareGPT train text -> models/tokenizer/.
 
-Reports vocabulary size and bytes per token on the held-out text (corpus val split + ShareGPT val), the
-figure that makes tokenizers comparable.
+From scratch, a tokenizer is trained (tokenizer.json). With `base.model` the base is located and checked
+(before any weights are downloaded) and its own tokenizer and chat template are taken, with our markers added
+as `base.markers` says (tokenizer files + chat.json, which records the base). Either way the metrics give the
+vocabulary size and bytes per token on the held-out text (corpus val split + ShareGPT val), the figure that
+makes tokenizers comparable.
 """
 
 from __future__ import annotations
@@ -10,25 +13,38 @@ import logging
 from pathlib import Path
 
 from persona_lm import stage
-from persona_lm.io import write_json
+from persona_lm.io import atomic_dir, write_json
 from persona_lm.params import Params
-from persona_lm.tokenizer import ChatTokenizer, iter_texts, save_tokenizer, train_tokenizer
+from persona_lm.tokenizer import ChatTokenizer, TemplateTokenizer, iter_texts, save_tokenizer, train_tokenizer
 from persona_lm.train.phase import TOKENIZER, corpus_texts, sharegpt_rows
 
 log = logging.getLogger("persona_lm.train_tokenizer")
 
 
 def main(p: Params) -> None:
-    texts = corpus_texts("train") + list(iter_texts(sharegpt_rows("train")))
-    tok = train_tokenizer(texts, p.tokenizer.kind, p.tokenizer.vocab_size, p.persona.emotions,
-                          p.tokenizer.min_frequency)
+    metrics = {}
+    if p.base.model is None:
+        texts = corpus_texts("train") + list(iter_texts(sharegpt_rows("train")))
+        tok = ChatTokenizer(train_tokenizer(texts, p.tokenizer.kind, p.tokenizer.vocab_size, p.persona.emotions,
+                                            p.tokenizer.min_frequency))
+        metrics["kind"] = p.tokenizer.kind
+    else:
+        from persona_lm import base
+
+        folder, record = base.resolve(p.base)
+        n_params = base.check(folder, p.base)
+        tok = TemplateTokenizer.build(folder, p.base.markers, p.persona.emotions, record)
+        metrics.update(kind="base", base=record["model"], base_params=n_params, added_tokens=len(tok.added_ids))
     held_out = corpus_texts("val") + list(iter_texts(sharegpt_rows("val")))
-    chat = ChatTokenizer(tok)
     n_bytes = sum(len(t.encode("utf-8")) for t in held_out)
-    n_tokens = sum(len(ids) for ids in chat.encode_batch(held_out))
-    save_tokenizer(tok, TOKENIZER)
-    metrics = {"vocab_size": chat.vocab_size, "kind": p.tokenizer.kind,
-               "val_bytes_per_token": round(n_bytes / max(n_tokens, 1), 4), "val_tokens": n_tokens}
+    n_tokens = sum(len(ids) for ids in tok.encode_batch(held_out))
+    with atomic_dir(TOKENIZER) as tmp:
+        if isinstance(tok, ChatTokenizer):
+            save_tokenizer(tok.tok, tmp / "tokenizer.json")
+        else:
+            tok.save(tmp)
+    metrics = {"vocab_size": tok.vocab_size, **metrics, "val_bytes_per_token": round(n_bytes / max(n_tokens, 1), 4),
+               "val_tokens": n_tokens}
     write_json(Path("reports/tokenizer.json"), metrics)
     log.info("tokenizer: %s", metrics)
 

@@ -1,11 +1,16 @@
-"""Shared fixtures: the repo root and the real public data in ../shared/data (tests skip when it is absent)."""
+"""Shared fixtures: the repo root and the real public data in ../shared/data (tests skip when it is absent),
+tiny model folders, the CLI server, and loopback HTTP servers."""
 
 from __future__ import annotations
 
+import http.server
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,8 +62,10 @@ class Server:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([str(cli), "serve", "--model", str(model), "--port", "0", *args],
                                      stderr=subprocess.PIPE, text=True, env=env)
-        line = self.proc.stderr.readline()
-        assert "serving Rosie at http://127.0.0.1:" in line, line + self.proc.stderr.read()
+        seen = []
+        while "serving Rosie at http://127.0.0.1:" not in (line := self.proc.stderr.readline()):
+            seen.append(line)  # warnings a library may print first
+            assert line and len(seen) < 50, "".join(seen)  # "" = the server exited
         self.url = line.split(" at ")[1].split()[0].rstrip("/")
         wait_ready(self.url)
 
@@ -80,3 +87,46 @@ def wait_ready(url: str) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+@contextmanager
+def serve(handle):
+    """A 127.0.0.1 server on a free port; `handle(method, path, headers)` returns (status, headers, body).
+    Yields (base url, list of (method, path) requests seen)."""
+    seen: list[tuple[str, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _reply(self, body: bool):
+            seen.append((self.command, self.path))
+            status, headers, data = handle(self.command, self.path, self.headers)
+            self.send_response(status)
+            for k, v in {"Content-Length": str(len(data)), **headers}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+        def do_GET(self):
+            self._reply(body=True)
+
+        def do_HEAD(self):
+            self._reply(body=False)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def free_port() -> int:
+    """A port nothing listens on: bound once to pick it, then released."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_model_dir
 from persona_lm.chat import Chat
-from persona_lm.train.checkpoint import load_model_dir
+from persona_lm.train.checkpoint import load_model
 
 EMOTIONS = ["joy", "sadness", "anger"]
 LINES = ["Hello there, how are you today?", "I am fine, thank you.", "What a lovely day for a walk in the park.",
@@ -38,7 +38,7 @@ def has_label(line: str) -> bool:
 
 
 def test_fit_keeps_system_and_stays_in_context(model_dir):
-    model, tok, config = load_model_dir(model_dir)
+    model, tok, config = load_model(model_dir)
     chat = Chat(model, tok, config, temperature=0, max_new_tokens=8, warn=lambda m: None)
     block, system = model.cfg.block_size, tok.prompt([{"from": "system", "value": "You are Rosie."}])[:-1]
     for i in range(12):
@@ -51,7 +51,7 @@ def test_fit_keeps_system_and_stays_in_context(model_dir):
 
 
 def test_fit_truncates_a_long_turn_from_the_left(model_dir):
-    model, tok, config = load_model_dir(model_dir)
+    model, tok, config = load_model(model_dir)
     warnings = []
     chat = Chat(model, tok, config, temperature=0, max_new_tokens=8, warn=warnings.append)
     chat.history = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]

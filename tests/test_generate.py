@@ -158,14 +158,15 @@ def test_emotion_is_read_where_the_end_is_predicted(tok):
     kw = dict(temperature=0, repetition_penalty=1.3)
     free = generate(model, tok, prompt, max_new_tokens=12, ignore_end=True, **kw).ids
     j = next(i for i in range(2, 12) if free[i] not in free[:i])
-    assert not {tok.end, tok.eot, *tok.role.values()} & set(free[:j + 1])
-    tok.end = free[j]  # pretend a token the model will produce is <|end|>, so the reply stops there
+    assert not tok.stop_ids & set(free[:j + 1])
+    stop_ids = tok.stop_ids
+    tok.stop_ids = stop_ids | {free[j]}  # pretend a token the model will produce ends a reply
     try:
         stopped = generate(model, tok, prompt, max_new_tokens=12, emotions=EMOTIONS, **kw)
         cut = generate(model, tok, prompt, max_new_tokens=j, emotions=EMOTIONS, **kw)
         assert generate(model, tok, prompt, max_new_tokens=12, **kw).emotion is None
     finally:
-        tok.end = tok.tok.token_to_id("<|end|>")
+        tok.stop_ids = stop_ids
     assert (stopped.ids, stopped.finish_reason, cut.ids, cut.finish_reason) == (free[:j + 1], "stop", free[:j], "length")
     for r in (stopped, cut):
         # read at the position whose logits produced the last token: for a finished reply, its last content token
@@ -184,6 +185,9 @@ class Scripted(nn.Module):
         self.script, self.n_prompt, self.emotion_head = script, n_prompt, None
         self.lm_head = nn.Identity()
         self.unused = nn.Parameter(torch.zeros(1))
+
+    def new_cache(self, batch_size=1, device=None, dtype=torch.float32):
+        return KVCache(self.cfg, batch_size, device, dtype)
 
     def hidden(self, idx, persona=None, cache=None):
         end = idx.shape[1] + (cache.length if cache is not None else 0)

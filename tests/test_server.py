@@ -17,7 +17,7 @@ import pytest
 from conftest import Server, tiny_model_dir
 from persona_lm.generate import generate
 from persona_lm.server import APIError, Engine
-from persona_lm.train.checkpoint import load_model_dir
+from persona_lm.train.checkpoint import load_model
 
 openai = pytest.importorskip("openai")
 
@@ -46,7 +46,7 @@ def client(server):
 
 def expected(model_dir: Path, user: str, **sampling):
     """The reply in-process generation gives for a one-turn conversation under the persona's system prompt."""
-    model, tok, config = load_model_dir(model_dir)
+    model, tok, config = load_model(model_dir)
     ids = tok.prompt([{"from": "system", "value": config["system_prompt"]}, {"from": "human", "value": user}])
     return generate(model, tok, ids, emotions=config["emotions"], **{"top_k": 40, "repetition_penalty": 1.1, **sampling})
 
@@ -92,7 +92,7 @@ def test_raw_stream_ends_with_done(server):
 
 
 def test_history_stop_strings_and_system_prompt_are_applied(client, model_dir):
-    model, tok, _ = load_model_dir(model_dir)
+    model, tok, _ = load_model(model_dir)
     turns = [{"role": "system", "content": "You are Max."}, {"role": "user", "content": "hi"},
              {"role": "assistant", "content": "hello!"}, {"role": "user", "content": [{"type": "text", "text": "again"}]}]
     ids = tok.prompt([{"from": "system", "value": "You are Max."}, {"from": "human", "value": "hi"},
@@ -272,4 +272,4 @@ def test_serve_refuses_a_port_in_use_in_one_line(model_dir):
 def test_serve_reports_a_missing_model_folder(tmp_path):
     proc = subprocess.run([str(CLI), "serve", "--model", str(tmp_path / "nope"), "--port", "0"],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and "no model.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "no such model folder" in proc.stderr and "Traceback" not in proc.stderr

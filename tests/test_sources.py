@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import logging
 import os
 import socket
 import subprocess
 import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
 import pytest
 import yaml
 
+from conftest import free_port, serve
 from persona_lm.data.sources import load_corpus
 from persona_lm.errors import InputError, PersonaError
 from persona_lm.params import HfSource, HttpSource, LocalSource
@@ -25,51 +23,8 @@ from persona_lm.params import HfSource, HttpSource, LocalSource
 STAGE = Path(__file__).resolve().parents[1] / "stages" / "download_corpus.py"
 
 
-@contextmanager
-def serve(handle):
-    """A 127.0.0.1 server on a free port; `handle(method, path, headers)` returns (status, headers, body).
-    Yields (base url, list of (method, path) requests seen)."""
-    seen: list[tuple[str, str]] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _reply(self, body: bool):
-            seen.append((self.command, self.path))
-            status, headers, data = handle(self.command, self.path, self.headers)
-            self.send_response(status)
-            for k, v in {"Content-Length": str(len(data)), **headers}.items():
-                self.send_header(k, v)
-            self.end_headers()
-            if body:
-                self.wfile.write(data)
-
-        def do_GET(self):
-            self._reply(body=True)
-
-        def do_HEAD(self):
-            self._reply(body=False)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def files(routes: dict[str, bytes]):
     return lambda method, path, headers: (200, {}, routes[path]) if path in routes else (404, {}, b"not found")
-
-
-def free_port() -> int:
-    """A port nothing listens on: bound once to pick it, then released."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def local(path, **kw) -> LocalSource:

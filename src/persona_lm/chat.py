@@ -88,15 +88,19 @@ def fit(tok, budget: int, head: list[dict], history: list[dict], user: str, warn
     if len(ids) <= budget:
         return ids, history, user
     # Only the system turns and the new one are left: keep the end of the user's text.
-    start = tok.prompt(head)[:-1]  # drop the assistant marker that prompt() appends
-    room = budget - len(start) - 3  # <|user|> ... <|end|> <|assistant|>
+    room = budget - len(tok.prompt(head + [{"from": "human", "value": ""}]))
     if room < 1:
-        raise PersonaError(f"the system prompt alone ({len(start)} tokens) leaves no room in a budget of {budget} "
-                           "tokens; use a shorter one or fewer new tokens")
-    body = tok.encode_content(user)
+        raise PersonaError(f"the system prompt alone leaves no room in a budget of {budget} tokens; use a shorter "
+                           "one or fewer new tokens")
+    body = tok.encode(user)
+    while True:  # decoding and re-encoding a cut can change the count by a token or two: shrink until it fits
+        text = tok.decode(body[-room:]).lstrip("\ufffd")  # the cut may split a character
+        ids = tok.prompt(head + [{"from": "human", "value": text}])
+        if len(ids) <= budget or room <= 1:
+            break
+        room -= len(ids) - budget
     warn(f"[your message was {len(body)} tokens; only its last {room} fit the context]")
-    ids = start + [tok.role["human"]] + body[-room:] + [tok.end, tok.role["gpt"]]
-    return ids, history, tok.decode(body[-room:])
+    return ids, history, text
 
 
 def command(chat: Chat, line: str, state: dict) -> bool:
@@ -178,12 +182,12 @@ def main(model_dir: str | Path, **sampling) -> int:
     """Load the model folder and chat; PersonaError (no folder, bad files) is reported by the CLI."""
     import torch
 
-    from persona_lm.train.checkpoint import load_model_dir
+    from persona_lm.train.checkpoint import load_model
 
     if not 0 <= sampling.get("temperature", 0.8) <= 5:
         raise PersonaError(f"--temperature must be from 0 to 5, got {sampling['temperature']}")
     if sampling.get("max_new_tokens", 128) < 1:
         raise PersonaError(f"--max-new-tokens must be at least 1, got {sampling['max_new_tokens']}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok, config = load_model_dir(Path(model_dir), device=device)
+    model, tok, config = load_model(Path(model_dir), device=device)
     return run(Chat(model, tok, config, **sampling))

@@ -41,9 +41,9 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from persona_lm.export import export_hf
+    from persona_lm.export import FORMATS
 
-    out = export_hf(args.model, args.out, persona=args.persona)
+    out = FORMATS[args.format](args.model, args.out, persona=args.persona)
     print(f"wrote {out}")
     return 0
 
@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_sharegpt_check)
 
-    p = sub.add_parser("export", help="write a model folder as a Hugging Face transformers folder")
+    p = sub.add_parser("export", help="write a model folder as a transformers folder (hf) or a peft adapter (peft)")
     p.add_argument("out", help="the folder to write (replaced atomically if it holds an earlier export)")
-    p.add_argument("--format", choices=["hf"], default="hf")
+    p.add_argument("--format", choices=["hf", "peft"], default="hf",
+                   help="hf: a transformers model (adapters merged); peft: a base-model run's adapter")
     p.add_argument("--model", default="models/final", help="model folder (default: models/final)")
     p.add_argument("--persona", type=int, default=0, help="persona index folded into the weights (default: 0)")
     p.set_defaults(func=_export)

@@ -132,7 +132,7 @@ class Decoder:
         if seed is not None:
             self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.persona = None if persona is None else torch.tensor([persona], device=self.device)
-        self.cache = KVCache(model.cfg, 1, self.device, p.dtype) if use_cache else None
+        self.cache = model.new_cache(1, self.device, p.dtype) if use_cache else None
         self.ids = torch.empty(1, len(prompt) + max_new_tokens, dtype=torch.long, device=self.device)
         self.ids[0, :len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
         self.keep = max(1, block // 2)
@@ -186,13 +186,15 @@ class Decoder:
 
 
 class TextStream:
-    """Incremental detokenisation for byte-level BPE.
+    """Incremental detokenisation.
 
     A character whose bytes are spread over several tokens decodes as a trailing U+FFFD until its last byte
     arrives, so trailing U+FFFD is held back; so is any tail that could be the start of a stop string. Once a
     stop string appears the text is cut before it and `stopped` is set. Decoding restarts from the last token
     after which the text ended on a whole character (bytes after a character boundary decode independently),
-    so a push costs the same at token 500 as at token 5.
+    so a push costs the same at token 500 as at token 5. Tokenizers whose decoders drop a word's leading space
+    at the start of a decode (sentencepiece style, `decode_needs_context`) decode the restart with the token
+    before it and cut that token's text off again.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
@@ -203,7 +205,7 @@ class TextStream:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.anchor_text + self.tokenizer.decode(self.ids[self.anchor:])
+        text = self.anchor_text + self._decode_from(self.anchor)
         if not text.endswith("\ufffd"):
             self.anchor, self.anchor_text = len(self.ids), text
         hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
@@ -213,6 +215,13 @@ class TextStream:
         self.text = text
         stable = len(text.rstrip("\ufffd"))
         return self._emit(stable - self._stop_prefix(text[:stable]))
+
+    def _decode_from(self, start: int) -> str:
+        if start and self.tokenizer.decode_needs_context:  # see the class docstring
+            head = self.tokenizer.decode(self.ids[start - 1:start])
+            text = self.tokenizer.decode(self.ids[start - 1:])
+            return text[len(head):] if text.startswith(head) else text
+        return self.tokenizer.decode(self.ids[start:])
 
     def flush(self) -> str:
         return self._emit(len(self.text))
@@ -248,8 +257,7 @@ class Generation:
         self.model, self.tokenizer, self.stop, self.emotions = model, tokenizer, stop, emotions
         # Control tokens are structure, not content: the repetition penalty leaves them alone.
         self.decoder = Decoder(model, prompt, penalty_exempt=sorted(tokenizer.special_ids), **sampling)
-        # A reply ends at <|end|>; <|endoftext|> and a role marker can never be part of one either.
-        self.stop_ids = set() if ignore_end else {tokenizer.end, tokenizer.eot, *tokenizer.role.values()}
+        self.stop_ids = set() if ignore_end else tokenizer.stop_ids
         self.result: Result | None = None
 
     def __iter__(self) -> Iterator[str]:

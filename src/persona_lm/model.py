@@ -86,8 +86,11 @@ def norm(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def linear(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     p = m._parameters
+    w = p.get("weight")
+    if w is None:  # a LoRA layer (peft) wrapping the original: it adds its low-rank update
+        return m(x)
     # x @ W.t() dispatches straight to mm; F.linear takes a slower route to it when there is no bias
-    return x @ p["weight"].t() if p["bias"] is None else F.linear(x, p["weight"], p["bias"])
+    return x @ w.t() if p["bias"] is None else F.linear(x, w, p["bias"])
 
 
 def rope_tables(cfg: GPTConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,6 +216,12 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def new_cache(self, batch_size: int = 1, device=None, dtype=torch.float32):
+        """An empty KV cache for `generate` (see generate.KVCache)."""
+        from persona_lm.generate import KVCache
+
+        return KVCache(self.cfg, batch_size, device, dtype)
 
     def hidden(self, idx: torch.Tensor, persona: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """Final normalised hidden states (B, T, n_embd). `cache` (see generate.KVCache) enables decoding."""

@@ -6,6 +6,7 @@ any work starts, with one line naming the key (`params.yaml: filter.min_words: m
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -284,6 +285,41 @@ class Model(Section):
         return self
 
 
+class Base(Section):
+    """A pretrained Hugging Face causal LM to start from instead of a randomly initialised model."""
+
+    model: str | None = Field(None, min_length=1, description="null = train from scratch; a Hub repo id or a "
+                              "local folder holding a transformers causal LM (config.json, safetensors, tokenizer)")
+    revision: str = Field("main", min_length=1, description="branch, tag or commit of a Hub repo")
+    endpoint: str | None = Field(None, pattern=r"^https?://", description="a Hub mirror; null = HF_ENDPOINT or "
+                                 "huggingface.co")
+    max_params: int = Field(1_500_000_000, ge=1, description="refuse larger bases before downloading their weights")
+    markers: Literal["text", "tokens"] = Field("text", description="emotion and action markers as plain text "
+                                               "(`[joy]`, `*waves*`) or as added special tokens whose embedding "
+                                               "rows are trained")
+
+    @model_validator(mode="after")
+    def _repo_or_folder(self) -> "Base":
+        m = self.model
+        if m is not None and not Path(m).expanduser().is_dir() and not re.fullmatch(r"[\w.-]+/[\w.-]+", m):
+            raise ValueError(f"model: neither a local folder nor a Hub repo id like org/name (got {m!r})")
+        return self
+
+
+class Lora(Section):
+    """LoRA (Hu et al. 2021) through peft: train low-rank adapters instead of all weights."""
+
+    r: int = Field(0, ge=0, description="rank; 0 = full fine-tuning")
+    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, min_length=1, description="module names to adapt; null = the "
+                                             "attention and MLP projections of the architecture")
+    phases: list[Literal["pretrain", "finetune", "emotion"]] = Field(
+        default_factory=lambda: ["pretrain", "finetune", "emotion"],
+        description="the phases that train adapters (a phase not listed trains all weights); pretraining from "
+                    "scratch always trains all weights: adapters need pretrained weights to adapt")
+
+
 class Phase(Section):
     """Optimisation settings shared by the three training phases."""
 
@@ -317,6 +353,7 @@ class Phase(Section):
 
 
 class Pretrain(Phase):
+    max_iters: int = Field(200, ge=0, description="0 = no pretraining (a base model is used as it is)")
     personal_mix: float = Field(0.05, ge=0, le=1, description="share of sequences drawn from personal voice text")
 
 
@@ -383,9 +420,17 @@ class Params(Section):
     emotion: Emotion = Emotion()
     tokenizer: TokenizerParams = TokenizerParams()
     model: Model = Model()
+    base: Base = Base()
+    lora: Lora = Lora()
     pretrain: Pretrain = Pretrain()
     finetune: Finetune = Finetune()
     eval: Eval = Eval()
+
+    @model_validator(mode="after")
+    def _base_personas(self) -> "Params":
+        if self.base.model is not None and self.model.n_personas != 1:
+            raise ValueError(f"model.n_personas: a base-model run holds one persona (got {self.model.n_personas})")
+        return self
 
 
 _MESSAGES = {

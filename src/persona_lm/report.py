@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+from persona_lm.lora import uses_lora
 from persona_lm.params import Params
 
 BARS = "▁▂▃▄▅▆▇█"
@@ -37,14 +38,20 @@ def _load(path: str) -> dict:
 
 
 def render(p: Params, metrics: dict, checks: dict, samples: list[dict], params_count: dict) -> str:
-    m = p.model
-    arch = (f"{m.n_layer} layers, {m.n_head} heads ({m.n_kv_head} kv), {m.n_embd} dims, block {m.block_size}, "
-            f"{m.norm} + {m.mlp} + {m.pos} positions, {'tied' if m.tie_embeddings else 'untied'} embeddings")
+    m, lp = p.model, p.lora
+    if p.base.model is None:
+        arch = (f"{m.n_layer} layers, {m.n_head} heads ({m.n_kv_head} kv), {m.n_embd} dims, block {m.block_size}, "
+                f"{m.norm} + {m.mlp} + {m.pos} positions, {'tied' if m.tie_embeddings else 'untied'} embeddings")
+    else:
+        arch = f"base {p.base.model} ({p.base.revision}), context {m.block_size}, markers as {p.base.markers}"
+    lora_phases = [ph for ph in lp.phases if uses_lora(p, ph)]
+    if lora_phases:
+        arch += f"; LoRA r={lp.r}, alpha={lp.alpha:g} in {', '.join(lora_phases)}"
     filt, share, tokr = _load("reports/filter.json"), _load("reports/sharegpt.json"), _load("reports/tokenizer.json")
     lines = [f"# Report card: {p.persona.name}", "",
              "## Model", "", f"- {arch}", f"- {params_count['total']:,} parameters: " +
              ", ".join(f"{k} {v:,}" for k, v in params_count.items() if k != "total" and v), "",
-             f"- tokenizer: {p.tokenizer.kind}, vocab {tokr.get('vocab_size', '?')}, "
+             f"- tokenizer: {tokr.get('kind', p.tokenizer.kind)}, vocab {tokr.get('vocab_size', '?')}, "
              f"{tokr.get('val_bytes_per_token', '?')} bytes/token on held-out text", "",
              "## Data", ""]
     if filt:

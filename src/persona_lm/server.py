@@ -401,10 +401,10 @@ def main(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, limit
     import torch
     import uvicorn
 
-    from persona_lm.train.checkpoint import load_model_dir
+    from persona_lm.train.checkpoint import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok, config = load_model_dir(Path(model_dir), device=device)
+    model, tok, config = load_model(Path(model_dir), device=device)
     app = create_app(model, tok, config, limits=limits, sampling=sampling)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}: anyone who can reach this machine can talk to the model",

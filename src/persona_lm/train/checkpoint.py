@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from persona_lm.io import write_json
+from persona_lm.io import atomic_dir, write_json
 
 log = logging.getLogger("persona_lm.checkpoint")
 
@@ -44,11 +44,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _trainable(model: torch.nn.Module) -> set[str] | None:
+    """Names a checkpoint holds when the model keeps only what it trains (a base's frozen weights are rebuilt
+    from the phase's input, not written 4 GB at a time); None = everything."""
+    if not getattr(model, "checkpoint_trainable_only", False):
+        return None
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Weights without tied duplicates (safetensors refuses shared storage); load re-ties them."""
     sd, seen = {}, set()
+    keep = _trainable(model)
     for name, t in model.state_dict().items():
-        if t.data_ptr() in seen:
+        if t.data_ptr() in seen or (keep is not None and name not in keep):
             continue
         seen.add(t.data_ptr())
         sd[name] = t.detach().contiguous().cpu()
@@ -62,8 +71,9 @@ def save_weights(model: torch.nn.Module, path: Path, metadata: dict | None = Non
 def load_weights(model: torch.nn.Module, path: Path, strict: bool = True) -> None:
     sd = load_file(str(path))
     missing, unexpected = model.load_state_dict(sd, strict=False)
+    keep = _trainable(model)
     tied = {"lm_head.weight"} if getattr(model.cfg, "tie_embeddings", False) else set()
-    missing = [m for m in missing if m not in tied]
+    missing = [m for m in missing if m not in tied and (keep is None or m in keep)]
     if strict and (missing or unexpected):
         raise ValueError(f"{path}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
 
@@ -124,33 +134,51 @@ def clear(ckpt_dir: Path) -> None:
     shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
-def save_model_dir(out: Path, model: torch.nn.Module, tokenizer_path: Path, extra: dict) -> None:
-    """A self-contained model folder (model.safetensors, config.json, tokenizer.json), swapped in atomically."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        save_weights(model, tmp / "model.safetensors")
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        write_json(tmp / "config.json", {"model": model.cfg.to_dict(), **extra})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def save_model_dir(out: Path, model: torch.nn.Module, tokenizer: Path, extra: dict) -> None:
+    """A self-contained model folder, swapped in atomically. Ours: model.safetensors, config.json ({"model":
+    architecture, **extra}) and the tokenizer; a base model's: see persona_lm.base. `tokenizer` is a tokenizer
+    folder or our tokenizer.json."""
+    from persona_lm.base import BaseLM, save_folder
+    from persona_lm.tokenizer import copy_tokenizer
+
+    with atomic_dir(out) as tmp:
+        if tokenizer.is_dir():
+            copy_tokenizer(tokenizer, tmp)
+        else:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        if isinstance(model, BaseLM):
+            save_folder(model, tmp, extra)
+        else:
+            save_weights(model, tmp / "model.safetensors")
+            write_json(tmp / "config.json", {"model": model.cfg.to_dict(), **extra})
 
 
-def load_model_dir(path: Path, device: str = "cpu"):
-    """(model, ChatTokenizer, config dict) from a folder written by save_model_dir."""
+def load_model(path: Path, device: str = "cpu", *, merge: bool = True, trainable: bool = False):
+    """(model, tokenizer, config dict) from any model folder: ours, or a base model's (the base, its fine-tuned
+    weights and adapter). `merge` folds an adapter into the weights (inference); `trainable` keeps it trainable.
+    The model is in eval mode. Raises PersonaError when the folder is not a model folder."""
     from persona_lm.errors import PersonaError
     from persona_lm.model import GPT, GPTConfig
-    from persona_lm.tokenizer import ChatTokenizer
+    from persona_lm.tokenizer import load_tokenizer
 
     path = Path(path)
-    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+    if not path.is_dir():
+        raise PersonaError(f"{path}: no such model folder; run `dvc repro` first or point --model at a model folder")
+    for name in ("config.json", "tokenizer.json"):
         if not (path / name).is_file():
             raise PersonaError(f"{path}: no {name} here; run `dvc repro` first or point --model at a model folder")
     config = json.loads((path / "config.json").read_text())
+    tok = load_tokenizer(path)
+    if config.get("kind") == "base":
+        from persona_lm.base import load_folder
+
+        model = load_folder(path, config, tok, device, trainable=trainable)
+        if merge:
+            model.merge()
+        return model.eval(), tok, config
+    if not (path / "model.safetensors").is_file():
+        raise PersonaError(f"{path}: no model.safetensors here; run `dvc repro` first")
     model = GPT(GPTConfig.from_dict(config["model"]))
     load_weights(model, path / "model.safetensors")
     model.to(device).eval()
-    return model, ChatTokenizer.from_file(path / "tokenizer.json"), config
+    return model, tok, config

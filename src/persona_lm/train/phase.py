@@ -1,10 +1,12 @@
-"""What the three training stages share: reading their inputs as token data, building or loading the model,
-fingerprinting a run for safe resumption, and writing the phase's model folder and metrics."""
+"""What the three training stages share: reading their inputs as token data, building or loading the model
+(ours, or a pretrained base) and setting what the phase trains (all weights or LoRA adapters), fingerprinting a
+run for safe resumption, and writing the phase's model folder and metrics."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import zlib
 from pathlib import Path
@@ -15,9 +17,10 @@ import torch
 import persona_lm
 from persona_lm.errors import PersonaError
 from persona_lm.io import read_jsonl, write_json
+from persona_lm import lora
 from persona_lm.model import GPT, GPTConfig
 from persona_lm.params import Params
-from persona_lm.tokenizer import ChatTokenizer
+from persona_lm.tokenizer import ChatTokenizer, load_tokenizer
 from persona_lm.train import checkpoint
 from persona_lm.train.loop import PhaseResult
 
@@ -25,7 +28,7 @@ CORPUS = Path("data/interim/corpus.parquet")
 TRANSCRIPTS = Path("data/interim/transcripts.parquet")
 MESSAGES = Path("data/interim/dialogues/messages.jsonl")
 SHAREGPT = Path("data/processed/sharegpt")
-TOKENIZER = Path("models/tokenizer/tokenizer.json")
+TOKENIZER = Path("models/tokenizer")
 CHECKPOINTS = Path("models/.checkpoints")
 
 
@@ -119,28 +122,74 @@ def emotion_examples(p: Params, tok: ChatTokenizer, rows: list[dict]) -> list[tu
                 continue
             label = labels[gpt_seen] if gpt_seen < len(labels) else None
             gpt_seen += 1
-            if label in index:
-                ids, mask, _ = tok.render(turns[: k + 1])
-                out.append((ids, mask, index[label], persona_id(p, row)))
+            if label in index:  # the conversation up to this reply's end token (a template may add text after it)
+                ids, mask, ends = tok.render(turns[: k + 1])
+                out.append((ids[:ends[-1] + 1], mask[:ends[-1] + 1], index[label], persona_id(p, row)))
     return out
 
 
-def new_model(p: Params, tok: ChatTokenizer) -> GPT:
-    torch.manual_seed(p.seed)
+def check_lora(p: Params, phase: str, tok) -> None:
+    """Check `lora.target_modules` before any weights are loaded or downloaded: on a weightless skeleton of
+    the base (built from its config.json), or of our model."""
+    if not lora.uses_lora(p, phase) or p.lora.target_modules is None:
+        return
+    if p.base.model is None:
+        with torch.device("meta"):
+            lora.check_targets(_own(p, tok), p.lora.target_modules, own=True)
+        return
+    from persona_lm import base
+
+    record = tok.info["base"]
+    lora.check_targets(base.skeleton(base.config_folder(record), record["model"]), p.lora.target_modules, own=False)
+
+
+def _own(p: Params, tok) -> GPT:
     arch = {**p.model.model_dump(), "n_kv_head": p.model.n_kv_head or p.model.n_head}
-    cfg = GPTConfig(vocab_size=tok.vocab_size, n_emotions=len(p.persona.emotions), **arch)
-    model = GPT(cfg)
+    return GPT(GPTConfig(vocab_size=tok.vocab_size, n_emotions=len(p.persona.emotions), **arch))
+
+
+def new_model(p: Params, tok) -> torch.nn.Module:
+    """The model phase 1 starts from: ours, randomly initialised, or the base as published; set to train what
+    `pretrain` trains."""
+    torch.manual_seed(p.seed)
+    if p.base.model is None:
+        model = _own(p, tok)
+    else:
+        from persona_lm import base
+
+        model = base.new(tok.info["base"], tok, len(p.persona.emotions), p.model.block_size)
+    lora.apply(model, p, "pretrain", p.seed)
     model.emotion_head.requires_grad_(False)  # trained in phase 3 only; frozen it gets no decay and no DDP hook
     return model
 
 
-def load_phase_model(path: Path, p: Params, emotion_head: bool = False) -> tuple[GPT, ChatTokenizer]:
-    model, tok, config = checkpoint.load_model_dir(path)
+def base_as_published(p: Params, tok):
+    """The base with no weights loaded (a meta-device skeleton): enough for a folder that records it, when
+    pretraining is skipped."""
+    from persona_lm import base
+
+    record = tok.info["base"]
+    model = base.BaseLM(base.skeleton(base.config_folder(record), record["model"]), record,
+                        len(p.persona.emotions), p.model.block_size)
+    model.added_ids = list(tok.added_ids)
+    return model
+
+
+def skipped() -> PhaseResult:
+    return PhaseResult(step=0, train_loss=math.nan, val_loss=math.nan, tokens_per_s=0.0, resumed_from=None, extra={})
+
+
+def load_phase_model(path: Path, p: Params, phase: str) -> tuple[torch.nn.Module, ChatTokenizer]:
+    """The previous phase's model, set to train what `phase` ("finetune" | "emotion") trains."""
+    check_lora(p, phase, load_tokenizer(path))
+    model, tok, config = checkpoint.load_model(path, merge=False, trainable=True)
     if config.get("emotions") != p.persona.emotions:
         raise PersonaError(f"{path} was trained with emotions {config.get('emotions')}, params say "
                            f"{p.persona.emotions}: rerun the pipeline from pretrain")
+    lora.apply(model, p, phase, p.seed)
     model.train()
-    model.emotion_head.requires_grad_(emotion_head)
+    model.emotion_head.requires_grad_(phase == "emotion")
+    torch.manual_seed(p.seed)  # dropout draws start from the seed, whatever loading the model drew before
     return model, tok
 
 
@@ -150,12 +199,20 @@ def finish(p: Params, name: str, model: GPT, result: PhaseResult, out: Path) -> 
     rank 0 writes: every rank holds the same weights, and two renames onto one folder would collide."""
     if not result.main:
         return None
+    trainable = sum(t.numel() for t in model.parameters() if t.requires_grad)
+    if isinstance(model, GPT):
+        lora.merge(model)  # our model's folders hold plain weights: decoding keeps the lean path
     checkpoint.save_model_dir(out, model, TOKENIZER, {
         "emotions": p.persona.emotions, "persona": p.persona.name, "system_prompt": p.persona.system_prompt,
         "phase": name, "step": result.step, "git_sha": checkpoint.git_sha(),
     })
-    metrics = {"step": result.step, "train_loss": round(result.train_loss, 4), "val_loss": round(result.val_loss, 4),
-               **{k: round(v, 4) for k, v in result.extra.items()}, "params": model.param_counts()}
+    metrics = {"step": result.step, "train_loss": _round(result.train_loss), "val_loss": _round(result.val_loss),
+               **{k: _round(v) for k, v in result.extra.items()}, "params": model.param_counts(),
+               "trainable_params": trainable}
     write_json(Path(f"reports/{name}.json"), metrics)
     write_json(Path(f"reports/speed/{name}.json"), {"train_tokens_per_s": round(result.tokens_per_s, 1)})
     return metrics
+
+
+def _round(x: float) -> float | None:
+    return round(x, 4) if math.isfinite(x) else None  # JSON has no NaN (a phase of 0 steps has no loss)

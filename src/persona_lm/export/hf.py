@@ -1,7 +1,10 @@
 """Export a model folder as a Hugging Face transformers folder (`persona-lm export --format hf OUT`).
 
-Each family maps onto a stock architecture, so the export loads with `AutoModelForCausalLM` and no custom code:
-learned positions + LayerNorm + GELU become `GPT2LMHeadModel`; RoPE + RMSNorm + SwiGLU become
+A base-model run is written as its base's own architecture with the adapter (if any) merged in, the base's
+tokenizer and chat template, and the emotion head beside it.
+
+Our own model maps onto a stock architecture, so the export loads with `AutoModelForCausalLM` and no custom
+code: learned positions + LayerNorm + GELU become `GPT2LMHeadModel`; RoPE + RMSNorm + SwiGLU become
 `LlamaForCausalLM`. Any other mix has no stock equivalent and is refused with the option that breaks it.
 The conversion is exact (same logits), which takes three small translations:
 
@@ -18,38 +21,25 @@ The emotion head is not part of a causal LM: it is saved beside it as `emotion_h
 labels (with the persona name and system prompt) go under "persona_lm" in config.json. It reads the final
 (post-norm) hidden state, i.e. `output_hidden_states[-1]` of the exported model.
 
-The chat template renders messages as `ChatTokenizer.render/prompt` do: `<|role|>content<|end|>` per message
-and `<|assistant|>` for the generation prompt. Two differences remain, because a Jinja template only produces a
-string that is then tokenized: `*action*` spans are not turned into action marker tokens (our encoder does
-that), and special-token strings typed inside a message are parsed as special tokens rather than kept as text.
-Only persona 0 is exported unless another index is asked for.
+Our chat template (tokenizer.CHAT_TEMPLATE) renders messages as `ChatTokenizer.render/prompt` do. Two
+differences remain, because a Jinja template only produces a string that is then tokenized: `*action*` spans
+are not turned into action marker tokens (our encoder does that), and special-token strings typed inside a
+message are parsed as special tokens rather than kept as text. Only persona 0 is exported unless another index
+is asked for.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from persona_lm.errors import PersonaError
-from persona_lm.tokenizer import ASSISTANT, END, EOT, PAD, SYSTEM, USER
-
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}" + SYSTEM +
-    "{%- elif message['role'] == 'user' -%}" + USER +
-    "{%- elif message['role'] == 'assistant' -%}" + ASSISTANT +
-    "{%- else -%}{{ raise_exception('unknown role: ' ~ message['role']) }}"
-    "{%- endif -%}"
-    "{{- message['content'] -}}" + END +
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}" + ASSISTANT + "{%- endif -%}"
-)
+from persona_lm.export.common import export_dir, persona_record
+from persona_lm.tokenizer import ASSISTANT, CHAT_TEMPLATE, END, EOT, PAD, SYSTEM, USER
 
 
 # position scheme -> (family, its name, the options it needs)
@@ -170,47 +160,56 @@ def _tokenizer_files(tokenizer_json: Path, out: Path) -> dict[str, int]:
     return ids
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Swap `tmp` in as `out`; an existing `out` is only replaced if it is an earlier export (never a random folder)."""
-    if out.exists():
-        try:
-            ours = "persona_lm" in json.loads((out / "config.json").read_text())
-        except (OSError, ValueError):
-            ours = False
-        if not ours and any(out.iterdir()):
-            raise PersonaError(f"{out} exists and is not an earlier export; choose an empty or new folder")
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+def _emotion_head(model, folder: Path) -> None:
+    head = {"weight": _t(model.emotion_head.weight), "bias": _t(model.emotion_head.bias)}
+    save_file(head, str(folder / "emotion_head.safetensors"), metadata={"format": "pt"})
 
 
 def export_hf(model_dir: Path, out: Path, persona: int = 0) -> Path:
     """Write the transformers folder `out` for the model folder `model_dir`, atomically."""
-    from persona_lm.train.checkpoint import load_model_dir
+    from persona_lm.base import BaseLM
+    from persona_lm.train.checkpoint import load_model
 
     model_dir, out = Path(model_dir), Path(out)
-    model, _, meta = load_model_dir(model_dir)
+    model, tok, meta = load_model(model_dir)
+    with export_dir(out) as tmp:
+        if isinstance(model, BaseLM):
+            if persona:
+                raise PersonaError("a base-model run holds one persona: --persona must be 0")
+            _base_model(model, tok, meta, tmp)
+        else:
+            _own_model(model, model_dir, meta, tmp, persona)
+    return out
+
+
+def _base_model(model, tok, meta: dict, tmp: Path) -> None:
+    """The merged base in its own architecture; the tokenizer as trained on (added tokens included)."""
+    model.hf.save_pretrained(str(tmp))
+    tok.hf.save_pretrained(str(tmp))
+    config = json.loads((tmp / "config.json").read_text())
+    config["persona_lm"] = persona_record(meta, family="base", base=meta["base"],
+                                          emotion_head="emotion_head.safetensors")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    gen = tmp / "generation_config.json"
+    settings = json.loads(gen.read_text()) if gen.is_file() else {}
+    settings["eos_token_id"] = sorted(tok.stop_ids)  # a reply ends at the template's end-of-turn marker
+    gen.write_text(json.dumps(settings, indent=2) + "\n")
+    _emotion_head(model, tmp)
+
+
+def _own_model(model, model_dir: Path, meta: dict, tmp: Path, persona: int) -> None:
     kind = family(model.cfg)
     with torch.no_grad():
         config, sd = (gpt2_weights if kind == "gpt2" else llama_weights)(model, persona)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        ids = _tokenizer_files(model_dir / "tokenizer.json", tmp)
-        stop = [ids[t] for t in (END, EOT, SYSTEM, USER, ASSISTANT) if t in ids]
-        extra = {"persona_lm": {"family": kind, "persona_index": persona, "persona": meta.get("persona"),
-                                "system_prompt": meta.get("system_prompt"), "emotions": meta.get("emotions", []),
-                                "emotion_head": "emotion_head.safetensors" if model.emotion_head else None,
-                                "model": model.cfg.to_dict()}}
-        config.update({"bos_token_id": None, "eos_token_id": ids.get(END), "pad_token_id": ids.get(PAD),
-                       "torch_dtype": "float32", "use_cache": True, **extra})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        gen = {"bos_token_id": None, "eos_token_id": stop, "pad_token_id": ids.get(PAD)}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if model.emotion_head is not None:
-            head = {"weight": _t(model.emotion_head.weight), "bias": _t(model.emotion_head.bias)}
-            save_file(head, str(tmp / "emotion_head.safetensors"), metadata={"format": "pt"})
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    ids = _tokenizer_files(model_dir / "tokenizer.json", tmp)
+    stop = [ids[t] for t in (END, EOT, SYSTEM, USER, ASSISTANT) if t in ids]
+    extra = {"persona_lm": persona_record(meta, family=kind, persona_index=persona, model=model.cfg.to_dict(),
+                                          emotion_head="emotion_head.safetensors" if model.emotion_head else None)}
+    config.update({"bos_token_id": None, "eos_token_id": ids.get(END), "pad_token_id": ids.get(PAD),
+                   "torch_dtype": "float32", "use_cache": True, **extra})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    gen = {"bos_token_id": None, "eos_token_id": stop, "pad_token_id": ids.get(PAD)}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if model.emotion_head is not None:
+        _emotion_head(model, tmp)
