@@ -16,13 +16,13 @@ from persona_lm.train import phase
 from persona_lm.train.batches import CorpusBatches
 from persona_lm.train.loop import train
 
-OUT = Path("models/pretrain")
+OUT, LIVE = Path("models/pretrain"), Path("reports/train/pretrain")
 
 
 def main(p: Params) -> None:
     tok = load_tokenizer(phase.TOKENIZER)
     if p.base.model is not None and p.pretrain.max_iters == 0:
-        phase.finish(p, "pretrain", phase.base_as_published(p, tok), phase.skipped(), OUT)
+        phase.finish(p, "pretrain", phase.base_as_published(p, tok), phase.skipped(LIVE), OUT)
         return
     phase.check_lora(p, "pretrain", tok)
     personal = phase.personal_texts()
@@ -37,7 +37,7 @@ def main(p: Params) -> None:
     inputs = [phase.TOKENIZER, phase.CORPUS, phase.TRANSCRIPTS, phase.MESSAGES]
     fp = phase.fingerprint(p, ["seed", "persona", "model", "base", "lora", "pretrain"], [f for f in inputs if f.exists()])
     result = train(model, p.pretrain, batches, phase.CHECKPOINTS / "pretrain", fp,
-                   {"seed": p.seed, "live_dir": "reports/train/pretrain"}, "pretrain")
+                   {"seed": p.seed, "live_dir": LIVE}, "pretrain")
     phase.finish(p, "pretrain", model, result, OUT)
 
 

@@ -34,7 +34,7 @@ def main(p: Params) -> None:
         folder, record = base.resolve(p.base)
         n_params = base.check(folder, p.base)
         tok = TemplateTokenizer.build(folder, p.base.markers, p.persona.emotions, record)
-        metrics.update(kind="base", base=record["model"], base_params=n_params, added_tokens=len(tok.added_ids))
+        metrics.update(kind="base", base=record["model"], base_params=n_params, new_tokens=tok.info["new_tokens"])
     held_out = corpus_texts("val") + list(iter_texts(sharegpt_rows("val")))
     n_bytes = sum(len(t.encode("utf-8")) for t in held_out)
     n_tokens = sum(len(ids) for ids in tok.encode_batch(held_out))

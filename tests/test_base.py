@@ -67,11 +67,11 @@ def test_final_folder_holds_the_adapter_and_a_record_of_the_base(run, request):
 
 def test_tokenizer_stage_takes_the_bases_tokenizer(llama_run, gpt2_run):
     llama = json.loads((llama_run / "models/tokenizer/chat.json").read_text())
-    assert llama["close"] == "<|im_end|>" and not llama["own_template"] and llama["added_ids"] == []
+    assert llama["close"] == "<|im_end|>" and not llama["own_template"] and llama["marker_ids"] == []
     gpt2 = json.loads((gpt2_run / "models/tokenizer/chat.json").read_text())
-    assert gpt2["close"] == "<|end|>" and gpt2["own_template"] and len(gpt2["added_ids"]) == 4
+    assert gpt2["close"] == "<|end|>" and gpt2["own_template"] and len(gpt2["marker_ids"]) == 4
     report = json.loads((gpt2_run / "reports/tokenizer.json").read_text())
-    assert report["kind"] == "base" and report["added_tokens"] == 4 and report["base_params"] > 0
+    assert report["kind"] == "base" and report["new_tokens"] == 4 and report["base_params"] > 0
 
 
 def test_training_moved_the_adapter_and_the_head(llama_run):
@@ -181,3 +181,52 @@ def test_peft_export_refuses_a_from_scratch_model(tmp_path):
     proc = subprocess.run([str(CLI), "export", "--format", "peft", str(tmp_path / "out"), "--model", str(model)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "trained from scratch" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------- other runs
+
+def test_our_exported_model_as_a_base_round_trip(tmp_path):
+    """`persona-lm export --format hf` makes a base like any other: before any training on it the base run's
+    model gives our model's logits exactly (pretrain.max_iters 0 keeps it as published); then it trains and chats."""
+    from conftest import tiny_model_dir
+
+    ours = tiny_model_dir(tmp_path, [q for q, _, _ in REPLIES] + [a for _, a, _ in REPLIES], EMOTIONS, block_size=256)
+    exported = tmp_path / "exported"
+    proc = subprocess.run([str(CLI), "export", str(exported), "--model", str(ours)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    d = run_all(write_project(tmp_path / "run", {"base": {"model": str(exported)}, "pretrain": {"max_iters": 0}}))
+    assert not any((d / "reports/train/pretrain/plots/metrics").iterdir())  # nothing trained, no curve
+    gpt, tok, _ = load(ours.parent, ours.name)
+    as_base, base_tok, _ = load(d, "models/pretrain")
+    turns = [{"from": "human", "value": "Hello there!"}]
+    assert base_tok.prompt(turns) == tok.prompt(turns)  # our chat template, rendered by transformers
+    idx = torch.tensor([tok.prompt(turns)])
+    assert (logits_of(as_base, idx) - logits_of(gpt, idx)).abs().max().item() < 1e-4
+    proc = subprocess.run([str(CLI), "chat", "--model", str(d / "models/final"), "--temperature", "0",
+                           "--max-new-tokens", "6"], input="Hello there!\n", capture_output=True, text=True,
+                          timeout=300, env=env(d))
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 1, proc.stderr
+
+
+def test_full_pretraining_then_lora_keeps_both_and_exports_merged(tmp_path):
+    """lora.phases without pretrain: pretraining changes all the base's weights, later phases add an adapter.
+    The folder carries both; the hf export merges them; a peft export alone could not reproduce it: refused."""
+    d = run_all(write_project(tmp_path, {"base": {"model": str(llama_base(tmp_path / "base"))},
+                                         "lora": {"phases": ["finetune", "emotion"]}}))
+    final = d / "models/final"
+    assert (final / "model.safetensors").is_file() and (final / "adapter_model.safetensors").is_file()
+    pre = json.loads((d / "reports/pretrain.json").read_text())
+    assert pre["trainable_params"] == pre["params"]["base"]
+    proc = subprocess.run([str(CLI), "export", "--format", "peft", str(tmp_path / "a"), "--model", str(final)],
+                          capture_output=True, text=True, timeout=120, env=env(d))
+    assert proc.returncode == 1 and "fine-tuned the base's own weights" in proc.stderr
+    proc = subprocess.run([str(CLI), "export", str(tmp_path / "hf"), "--model", str(final)],
+                          capture_output=True, text=True, timeout=300, env=env(d))
+    assert proc.returncode == 0, proc.stderr
+    ours, tok, _ = load(d)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.tensor([tok.prompt([{"from": "human", "value": "Hello there!"}])])
+    assert (hf(idx).logits - logits_of(ours, idx)).abs().max().item() < 1e-4
+    stock = transformers.AutoModelForCausalLM.from_pretrained(d / "base").eval()
+    assert (stock(idx).logits - logits_of(ours, idx)).abs().max().item() > 1e-3  # both changes are in there

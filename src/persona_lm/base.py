@@ -205,7 +205,7 @@ class BaseLM(nn.Module):
             nn.init.zeros_(self.emotion_head.bias)
         self.weights: Path | None = None
         self.trained_full = False
-        self.added_ids: list[int] = []  # tokens added to the base's vocabulary: their rows are trained too
+        self.marker_ids: list[int] = []  # tokens of our markers (new to the base): their rows are trained too
 
     @property
     def hf(self) -> nn.Module:
@@ -335,7 +335,7 @@ def save_folder(model: BaseLM, folder: Path, extra: dict) -> None:
 def new(record: dict, tok, n_emotions: int, block_size: int, device: str = "cpu") -> BaseLM:
     """The base as it was published, with a fresh emotion head, for the tokenizer `tok` built for it."""
     model = BaseLM(load_hf(record, tok.vocab_size, device), record, n_emotions, block_size)
-    model.added_ids = list(tok.added_ids)
+    model.marker_ids = list(tok.marker_ids)
     return model.to(device)
 
 
@@ -354,7 +354,7 @@ def load_folder(path: Path, config: dict, tok, device: str = "cpu", trainable: b
     if config.get("adapter"):
         lm = PeftModel.from_pretrained(lm, str(path), is_trainable=trainable)
     model = BaseLM(lm, config["base"], len(config.get("emotions") or []), config["block_size"])
-    model.weights, model.added_ids = weights, list(tok.added_ids)
+    model.weights, model.marker_ids = weights, list(tok.marker_ids)
     head = path / "emotion_head.safetensors"
     if model.emotion_head is not None and head.is_file():
         model.emotion_head.load_state_dict(load_file(str(head)))

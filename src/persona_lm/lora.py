@@ -92,9 +92,9 @@ def apply(model: nn.Module, p, phase: str, seed: int) -> None:
 
 
 def _token_indices(model) -> dict[str, list[int]] | None:
-    """Added tokens (markers, our role tokens) get trainable embedding rows in the adapter: in the input
-    embedding, and in an untied output head too (peft follows tied weights by itself)."""
-    ids = model.added_ids
+    """Our marker tokens (role markers of our template, emotion and action markers) get trainable embedding
+    rows in the adapter: in the input embedding, and in an untied output head too (peft follows tied weights)."""
+    ids = model.marker_ids
     if not ids:
         return None
     hf = model.hf

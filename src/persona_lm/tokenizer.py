@@ -208,7 +208,7 @@ class TemplateTokenizer:
         self.end, self.eot, self.pad = info["end"], info["eot"], info["pad"]
         self.stop_ids = set(info["stop_ids"])
         self.vocab_size = len(hf)
-        self.added_ids = info["added_ids"]
+        self.marker_ids = info["marker_ids"]  # tokens of our markers: their embedding rows are trained
         self.special_ids = {i for i, t in hf.added_tokens_decoder.items() if t.special} | set(hf.all_special_ids)
         vocab = hf.get_vocab()
         if self.markers == "tokens":
@@ -244,7 +244,7 @@ class TemplateTokenizer:
         hf.add_tokens([AddedToken(t, special=True, normalized=False) for t in new], special_tokens=True)
         vocab = hf.get_vocab()
         info = {"kind": "template", "markers": markers, "emotions": emotions, "own_template": own_template,
-                "added_ids": sorted(vocab[t] for t in new if vocab[t] >= n_before), "base": base}
+                "marker_ids": sorted(vocab[t] for t in new), "new_tokens": len(hf) - n_before, "base": base}
         probe = cls(hf, {**info, "close": "", "end": 0, "eot": 0, "pad": 0, "stop_ids": []})
         info["close"] = close = probe._close(base["model"])
         end = probe.tok.encode(close, add_special_tokens=False).ids[0]

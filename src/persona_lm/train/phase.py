@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import sys
 import zlib
 from pathlib import Path
@@ -171,11 +172,15 @@ def base_as_published(p: Params, tok):
     record = tok.info["base"]
     model = base.BaseLM(base.skeleton(base.config_folder(record), record["model"]), record,
                         len(p.persona.emotions), p.model.block_size)
-    model.added_ids = list(tok.added_ids)
+    model.marker_ids = list(tok.marker_ids)
     return model
 
 
-def skipped() -> PhaseResult:
+def skipped(live_dir: Path) -> PhaseResult:
+    """The result of a phase with nothing to train; its curves folder is emptied (no curve is the truth)."""
+    metrics = Path(live_dir) / "plots" / "metrics"
+    shutil.rmtree(metrics, ignore_errors=True)
+    metrics.mkdir(parents=True)
     return PhaseResult(step=0, train_loss=math.nan, val_loss=math.nan, tokens_per_s=0.0, resumed_from=None, extra={})
 
 
