@@ -71,11 +71,12 @@ def run_own(cfg: dict) -> dict:
     import torch
 
     from persona_lm import evaluation, lora
+    from persona_lm.io import read_jsonl
     from persona_lm.tokenizer import ChatTokenizer
     from persona_lm.train import checkpoint
     from persona_lm.train.batches import CorpusBatches
     from persona_lm.train.loop import train
-    from persona_lm.train.phase import chat_examples, new_model
+    from persona_lm.train.phase import new_model, with_system
 
     work = Path(cfg["work"])
     tok = ChatTokenizer.from_file(work / "tokenizer.json")
@@ -100,15 +101,10 @@ def run_own(cfg: dict) -> dict:
     phase = p.finetune.model_copy(update={"max_iters": cfg["iters"]})
     live = work / f"live-{cfg['name']}"
     train(model, phase, chat_batches(p, tok, 256), work / f"ck-{cfg['name']}", "b", {"live_dir": live}, "finetune")
-    if isinstance(model, torch.nn.Module):
-        lora.merge(model)
+    lora.merge(model)
     model.eval()
-    from persona_lm.io import read_jsonl
-    from persona_lm.train.phase import with_system
-    val = [r for _, r in read_jsonl(SHAREGPT / "val.jsonl")][:400]
-    examples = [tok.render(with_system(p, row))[:2] for row in val]
-    loss = evaluation.assistant_loss(model, tok, examples)
-    del chat_examples
+    val = [row for _, row in read_jsonl(SHAREGPT / "val.jsonl")][:400]
+    loss = evaluation.assistant_loss(model, tok, [tok.render(with_system(p, row))[:2] for row in val])
     return {"tokens_per_s": steady(live), "trainable": trainable,
             "params": sum(t.numel() for t in model.parameters()), "val_assistant_loss": loss}
 
@@ -204,7 +200,7 @@ def main() -> None:
     print(f"{'base':24} {'params':>14} {'LoRA tok/s':>11} {'full tok/s':>11} {'fp32 weights GB':>16}")
     for name, n in BASES.items():
         print(f"{name:24} {n:>14,} {lora_rate * n30 / n:>11.0f} {full_rate * n30 / n:>11.0f} {4 * n / 1e9:>16.2f}")
-    print(f"(a run of 1,000 steps of batch 8 x 256 tokens = 2.0M tokens; divide by the rate for seconds)")
+    print("(1,000 steps of batch 8 x 256 tokens = 2.0M tokens: divide by the rate for seconds)")
 
 
 if __name__ == "__main__":

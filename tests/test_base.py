@@ -66,8 +66,12 @@ def test_final_folder_holds_the_adapter_and_a_record_of_the_base(run, request):
 
 
 def test_tokenizer_stage_takes_the_bases_tokenizer(llama_run, gpt2_run):
+    from persona_lm.tokenizer import load_tokenizer
+
     llama = json.loads((llama_run / "models/tokenizer/chat.json").read_text())
-    assert llama["close"] == "<|im_end|>" and not llama["own_template"] and llama["marker_ids"] == []
+    assert llama["close"] == "<|im_end|>" and not llama["own_template"] and llama["new_tokens"] == 0
+    tok = load_tokenizer(llama_run / "models/tokenizer")
+    assert tok.hf.convert_ids_to_tokens(llama["marker_ids"]) == ["<|im_start|>", "<|im_end|>"]  # rows trained
     gpt2 = json.loads((gpt2_run / "models/tokenizer/chat.json").read_text())
     assert gpt2["close"] == "<|end|>" and gpt2["own_template"] and len(gpt2["marker_ids"]) == 4
     report = json.loads((gpt2_run / "reports/tokenizer.json").read_text())

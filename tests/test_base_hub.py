@@ -175,8 +175,8 @@ def test_a_local_folder_without_safetensors_is_refused(tmp_path):
 
 
 def test_no_chat_template_and_no_pad_token_get_ours(tmp_path):
-    """GPT-2 style: our chat format is installed as the template (its markers become special tokens) and
-    padding uses the end-of-text id: padded positions are never targets, so any id serves."""
+    """GPT-2 style: our chat format is installed as the template (its markers become special tokens), and
+    padding, never a target, uses the end-of-text id."""
     folder = gpt2_base(tmp_path / "gpt2")
     _, record = base.resolve(Base(model=str(folder)))
     tok = TemplateTokenizer.build(folder, "text", EMOTIONS, record)

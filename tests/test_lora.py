@@ -1,6 +1,6 @@
 """LoRA on our own model: adapters off give the pretrained logits exactly, merged weights reproduce the
-adapted logits, the merged model is a plain one again (the lean decode path), the finetune stage trains only
-adapters and writes a plain model folder, a LoRA phase on a base resumes bit-identically, and bad LoRA params
+adapted logits, the merged model is a plain one again (the lean decode path), the finetune stage trains
+adapters (and the token embedding) and writes a plain model folder, a LoRA phase on a base resumes bit-identically, and bad LoRA params
 are refused before any work."""
 
 from __future__ import annotations
@@ -57,12 +57,13 @@ def test_adapters_off_equal_the_base_and_merging_keeps_the_logits(model):
     assert gpt.state_dict().keys() == base.state_dict().keys()  # a plain model again: the lean path, no wrappers
 
 
-def test_only_adapters_train():
+def test_adapters_and_the_embedding_train():
     _, gpt = adapted()
-    trainable = {n for n, p in gpt.named_parameters() if p.requires_grad}
+    trainable = {n: p.numel() for n, p in gpt.named_parameters() if p.requires_grad}
+    assert trainable.pop("wte.weight") == 120 * 32  # tied: the output head is the same tensor
     assert trainable and all("lora_" in n for n in trainable)
-    assert sum(p.numel() for n, p in gpt.named_parameters() if n in trainable) == 2 * (
-        4 * (32 + 64) + 4 * (32 + 32) + 4 * (32 + 128) + 4 * (128 + 32))  # r * (in + out) per adapted layer
+    assert sum(trainable.values()) == 2 * (  # r * (in + out) per adapted layer
+        4 * (32 + 64) + 4 * (32 + 32) + 4 * (32 + 128) + 4 * (128 + 32))
 
 
 def test_from_scratch_run_with_lora(tmp_path):
@@ -72,7 +73,7 @@ def test_from_scratch_run_with_lora(tmp_path):
     pre = json.loads((d / "reports/pretrain.json").read_text())
     ft = json.loads((d / "reports/finetune.json").read_text())
     assert pre["trainable_params"] == pre["params"]["total"] - pre["params"]["emotion_head"]  # head: phase 3
-    assert 0 < ft["trainable_params"] < ft["params"]["total"] / 5
+    assert 0 < ft["trainable_params"] < ft["params"]["total"] / 2  # adapters and the token embedding
     keys = load_file(str(d / "models/pretrain/model.safetensors")).keys()
     for phase in ("finetune", "final"):
         weights = load_file(str(d / f"models/{phase}/model.safetensors"))
@@ -80,7 +81,7 @@ def test_from_scratch_run_with_lora(tmp_path):
     before = load_file(str(d / "models/pretrain/model.safetensors"))
     after = load_file(str(d / "models/finetune/model.safetensors"))
     assert not torch.equal(before["blocks.0.attn.c_attn.weight"], after["blocks.0.attn.c_attn.weight"])
-    assert torch.equal(before["wte.weight"], after["wte.weight"])  # not adapted: untouched
+    assert torch.equal(before["blocks.0.ln_1.weight"], after["blocks.0.ln_1.weight"])  # not adapted: untouched
 
 
 # ------------------------------------------------------------------------------------------------- resume
@@ -107,8 +108,8 @@ def test_lora_phase_on_a_base_resumes_bit_identically(tmp_path, monkeypatch):
     def fresh():
         return new_model(p, tok)  # what the pretrain stage starts from: the base, an adapter, the head frozen
 
-    def adapter(model):
-        return {n: t.detach().clone() for n, t in model.named_parameters() if "lora_" in n}
+    def adapter(model):  # LoRA matrices and the rows of the template's tokens <|im_start|>, <|im_end|>
+        return {n: t.detach().clone() for n, t in model.named_parameters() if t.requires_grad}
 
     ref = fresh()
     train(ref, phase, batches, tmp_path / "ref", "h", {"live_dir": tmp_path / "live-ref"}, "pretrain")
@@ -126,11 +127,12 @@ def test_lora_phase_on_a_base_resumes_bit_identically(tmp_path, monkeypatch):
         train(fresh(), phase, batches, tmp_path / "run", "h", {"live_dir": tmp_path / "live"}, "pretrain")
     monkeypatch.setattr(checkpoint, "save", save)
     saved = load_file(str(tmp_path / "run/step_0000004/model.safetensors"))
-    assert saved and all("lora_" in k for k in saved)  # the frozen base is not in the checkpoint
+    assert saved and all("lora_" in k or "trainable_tokens" in k for k in saved)  # no frozen base weights
     resumed = fresh()
     result = train(resumed, phase, batches, tmp_path / "run", "h", {"live_dir": tmp_path / "live"}, "pretrain")
     assert result.resumed_from == 4
     want, got = adapter(ref), adapter(resumed)
+    assert any("trainable_tokens" in k for k in want) and any("lora_" in k for k in want)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from safetensors.torch import load_file, save_file
 from persona_lm.errors import PersonaError
 
 log = logging.getLogger("persona_lm.base")
+# peft reads transformers' deprecated `is_gradient_checkpointing` on every model it wraps: nothing a user can act on
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 CONFIG_FILES = ["config.json", "generation_config.json"]
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -205,7 +208,7 @@ class BaseLM(nn.Module):
             nn.init.zeros_(self.emotion_head.bias)
         self.weights: Path | None = None
         self.trained_full = False
-        self.marker_ids: list[int] = []  # tokens of our markers (new to the base): their rows are trained too
+        self.marker_ids: list[int] = []  # control tokens whose embedding rows are trained too
 
     @property
     def hf(self) -> nn.Module:

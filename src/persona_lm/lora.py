@@ -7,9 +7,10 @@ pretrained model exactly. peft is the implementation, so adapters are saved in t
 - On a base model (BaseLM) one adapter serves the whole run: each phase in `lora.phases` attaches it or keeps
   training it, so models/final holds one adapter for the stock base. A phase outside `lora.phases` trains all
   weights, after folding in any adapter.
-- On our own model, adapters fine-tune the pretrained weights of a phase and are merged into them when the
-  phase ends, so every model folder stays plain weights and decoding keeps the lean path. Pretraining from
-  scratch always trains all weights: adapters on a random model learn next to nothing.
+- On our own model, adapters (with the token embedding and output head, see `apply`) fine-tune the pretrained
+  weights of a phase and are merged into them when the phase ends, so every model folder stays plain weights
+  and decoding keeps the lean path. Pretraining from scratch always trains all weights: adapters on a random
+  model learn next to nothing.
 """
 
 from __future__ import annotations
@@ -89,11 +90,17 @@ def apply(model: nn.Module, p, phase: str, seed: int) -> None:
         targets = check_targets(model, p.lora.target_modules, own=True)
         torch.manual_seed(seed)
         get_peft_model(model, config(p.lora, targets))  # injects the adapter layers into `model` itself
+        # Pretraining from scratch on a small corpus leaves the rows of chat-only tokens (role and emotion
+        # markers, words only the dialogues use) untrained, and adapters cannot change rows: the token embedding
+        # and output head train too. Default data, 200 finetune steps, val loss: 3.60 with them, 5.32 adapters
+        # alone (4.73 with only the control tokens' rows), 3.51 training all weights.
+        model.wte.weight.requires_grad_(True)
+        model.lm_head.weight.requires_grad_(True)
 
 
 def _token_indices(model) -> dict[str, list[int]] | None:
-    """Our marker tokens (role markers of our template, emotion and action markers) get trainable embedding
-    rows in the adapter: in the input embedding, and in an untied output head too (peft follows tied weights)."""
+    """Control tokens (the chat template's, and our emotion and action markers) get trainable embedding rows in
+    the adapter: in the input embedding, and in an untied output head too (peft follows tied weights)."""
     ids = model.marker_ids
     if not ids:
         return None
@@ -114,5 +121,3 @@ def merge(model: nn.Module) -> None:
             m.merge()
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, m.get_base_layer())
-    for param in model.parameters():
-        param.requires_grad_(True)

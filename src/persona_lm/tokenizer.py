@@ -208,7 +208,7 @@ class TemplateTokenizer:
         self.end, self.eot, self.pad = info["end"], info["eot"], info["pad"]
         self.stop_ids = set(info["stop_ids"])
         self.vocab_size = len(hf)
-        self.marker_ids = info["marker_ids"]  # tokens of our markers: their embedding rows are trained
+        self.marker_ids = info["marker_ids"]  # control tokens whose embedding rows are trained (see build)
         self.special_ids = {i for i, t in hf.added_tokens_decoder.items() if t.special} | set(hf.all_special_ids)
         vocab = hf.get_vocab()
         if self.markers == "tokens":
@@ -244,9 +244,15 @@ class TemplateTokenizer:
         hf.add_tokens([AddedToken(t, special=True, normalized=False) for t in new], special_tokens=True)
         vocab = hf.get_vocab()
         info = {"kind": "template", "markers": markers, "emotions": emotions, "own_template": own_template,
-                "marker_ids": sorted(vocab[t] for t in new), "new_tokens": len(hf) - n_before, "base": base}
-        probe = cls(hf, {**info, "close": "", "end": 0, "eot": 0, "pad": 0, "stop_ids": []})
+                "new_tokens": len(hf) - n_before, "base": base}
+        probe = cls(hf, {**info, "marker_ids": [], "close": "", "end": 0, "eot": 0, "pad": 0, "stop_ids": []})
         info["close"] = close = probe._close(base["model"])
+        # The rows of every control token a conversation uses are trained: ours, and the template's own (role
+        # headers, end of turn), which a base that never learnt its template (a base rather than an instruct
+        # model, or an export of a model only pretrained) needs; it costs a few embedding rows.
+        template = "".join(probe._layout(tuple(_ROLE[m["from"]] for m in _PROBE), True))
+        used = set(probe.tok.encode(template, add_special_tokens=False).ids) & probe.special_ids
+        info["marker_ids"] = sorted(used | {vocab[t] for t in new})
         end = probe.tok.encode(close, add_special_tokens=False).ids[0]
         eos = hf.eos_token_id if hf.eos_token_id is not None else end
         stop = {end, eos}
@@ -254,8 +260,10 @@ class TemplateTokenizer:
         if gen.is_file():
             ids = json.loads(gen.read_text()).get("eos_token_id")
             stop |= set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-        info.update(end=end, eot=eos, stop_ids=sorted(stop),
-                    pad=hf.pad_token_id if hf.pad_token_id is not None else eos)  # padding is never a target
+        # Batches are right-padded and padding is never a target, so any id serves; the end-of-text id rather
+        # than the base's pad id, which GPT-2 models take as a sign of a missing attention mask (a needless
+        # warning: with the padding after the text, causal attention never reads it).
+        info.update(end=end, eot=eos, stop_ids=sorted(stop), pad=eos)
         tok = cls(hf, info)
         tok._check(base["model"])
         return tok
