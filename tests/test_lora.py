@@ -170,3 +170,26 @@ def test_unknown_target_module_on_a_base_fails_the_stage_before_loading_weights(
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "error: lora.target_modules: no adaptable layer named 'c_attn' in this model; its linear layers are: "
         "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
+
+
+def test_gradient_checkpointing_on_a_base_gives_the_same_gradients(tmp_path):
+    from persona_lm import base
+    from persona_lm.params import Base
+    from persona_lm.tokenizer import TemplateTokenizer
+
+    folder = llama_base(tmp_path / "base")
+    _, record = base.resolve(Base(model=str(folder)))
+    tok = TemplateTokenizer.build(folder, "text", EMOTIONS, record)
+    p = parse_params({"base": {"model": str(folder)}, "lora": {"r": 4}, "persona": {"emotions": EMOTIONS}})
+    x = torch.randint(0, tok.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for on in (False, True):
+        model = base.new(record, tok, len(EMOTIONS), 64)
+        lora.apply(model, p, "finetune", p.seed)
+        model.train()
+        model.grad_checkpointing = on
+        assert model.grad_checkpointing == on
+        model(x)[0].square().mean().backward()
+        grads.append({n: t.grad for n, t in model.named_parameters() if t.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 4
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])

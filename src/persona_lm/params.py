@@ -311,7 +311,8 @@ class Lora(Section):
 
     r: int = Field(0, ge=0, description="rank; 0 = full fine-tuning")
     alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / r")
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input; 0 skips it (8% faster "
+                           "and ~400 MB less on a 30M base, bench/lora.py)")
     target_modules: list[str] | None = Field(None, min_length=1, description="module names to adapt; null = the "
                                              "attention and MLP projections of the architecture")
     phases: list[Literal["pretrain", "finetune", "emotion"]] = Field(

@@ -175,12 +175,13 @@ def iter_texts(rows: Iterable[dict]) -> Iterator[str]:
 # ------------------------------------------------------------------------------------------ a base's tokenizer
 
 _ROLE = {"system": "system", "human": "user", "gpt": "assistant"}
-_SLOT = "PERSONALMSLOT{}X"  # stands in for a message's content while the template's own text is located
+_SLOT = "PersonaLmSlot{}x"  # stands in for a message's content while the template's own text is located
 # Llama 3.x templates print today's date unless they are given one; a fixed date keeps runs reproducible
 # (this is the date those templates fall back to themselves).
 _DATE = "26 Jul 2024"
-_PROBE = [{"from": "system", "value": "S"}, {"from": "human", "value": "U"}, {"from": "gpt", "value": "A"},
-          {"from": "human", "value": "V"}, {"from": "gpt", "value": "B"}]
+_PROBE = [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi there!"},
+          {"from": "gpt", "value": "Hello, friend."}, {"from": "human", "value": "How are you?"},
+          {"from": "gpt", "value": "Fine, thanks."}]
 
 
 class TemplateTokenizer:
@@ -281,8 +282,13 @@ class TemplateTokenizer:
         return close
 
     def _check(self, name: str) -> None:
-        """Generation continues `prompt(turns)`: it must be exactly how training saw the start of each reply."""
+        """Our ids must be the template's own, and generation continues `prompt(turns)`, which must be exactly
+        how training saw the start of each reply."""
         full, _, _ = self.render(_PROBE)
+        messages = [{"role": _ROLE[m["from"]], "content": m["value"]} for m in _PROBE]
+        if full != self.tok.encode(self._apply(messages, False), add_special_tokens=False).ids:
+            raise PersonaError(f"base.model: the chat template of {name} rewrites message content, so persona-lm "
+                               "cannot reproduce what it renders")
         for k in range(1, len(_PROBE)):
             if _PROBE[k]["from"] == "gpt" and full[:len(head := self.prompt(_PROBE[:k]))] != head:
                 raise PersonaError(f"base.model: the chat template of {name} renders the start of a conversation "
@@ -362,8 +368,9 @@ class TemplateTokenizer:
             slot = _SLOT.format(i)
             at = text.find(slot, pos)
             if at < 0 or text.count(slot) != 1:
-                raise PersonaError(f"base.model: the chat template of {name} drops, repeats or reorders message "
-                                   "content, so persona-lm cannot find the replies to train on in what it renders")
+                raise PersonaError(f"base.model: the chat template of {name} drops, repeats, reorders or rewrites "
+                                   "message content, so persona-lm cannot find the replies to train on in what it "
+                                   "renders")
             out.append(text[pos:at])
             pos = at + len(slot)
         out.append(text[pos:])
