@@ -115,7 +115,7 @@ def run_own(cfg: dict) -> dict:
     lora.merge(model)
     model.eval()
     val = [row for _, row in read_jsonl(SHAREGPT / "val.jsonl")][:400]
-    loss = evaluation.assistant_loss(model, tok, [tok.render(with_system(p, row))[:2] for row in val])
+    loss = evaluation.assistant_loss(model, tok, [tok.render(with_system(p, row))[:2] for row in val])["loss"]
     return {"tokens_per_s": steady(live), "trainable": trainable,
             "params": sum(t.numel() for t in model.parameters()), "val_assistant_loss": loss}
 

@@ -29,9 +29,11 @@ def main(p: Params) -> None:
     sampled, speed = evaluation.samples(model, tok, p.persona.system_prompt, e.prompts, emotions,
                                         max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_k=e.top_k,
                                         top_p=e.top_p, repetition_penalty=e.repetition_penalty, seed=p.seed)
+    reply = evaluation.assistant_loss(model, tok, chat)
     metrics = {
         "corpus_val_bpb": round(corpus["bpb"], 4),
-        "chat_val_assistant_loss": round(evaluation.assistant_loss(model, tok, chat), 4),
+        "chat_val_assistant_loss": round(reply["loss"], 4),
+        "chat_val_bpb": round(reply["bpb"], 4),
         "emotion_accuracy": round(emo["accuracy"], 4),
         "emotion_macro_f1": round(emo["macro_f1"], 4),
         "emotion_val_replies": emo["n"],

@@ -1,7 +1,7 @@
 """Evaluation of a model folder: what the evaluate stage measures.
 
 Bits per byte on the corpus val split (comparable across tokenizers, unlike per-token loss), assistant-token
-loss on ShareGPT val, emotion accuracy / macro-F1 / confusion on held-out labelled replies, persona checks
+loss on ShareGPT val (per token, and in bits per byte of reply text, which compares a base model with ours), emotion accuracy / macro-F1 / confusion on held-out labelled replies, persona checks
 over a fixed prompt set, distinct-2 and samples from fixed prompts. Everything here is deterministic for a
 given model and params; timings are measured separately so the quality metrics reproduce exactly.
 """
@@ -43,15 +43,22 @@ def bits_per_byte(model, tok, texts: list[str], max_tokens: int, batch_size: int
 
 
 @torch.inference_mode()
-def assistant_loss(model, tok, examples: list[tuple[list[int], list[int]]], batch_size: int = 16) -> float:
-    """Mean cross-entropy over assistant tokens only (the finetuning objective) on held-out conversations."""
-    nats, n = 0.0, 0
+def assistant_loss(model, tok, examples: list[tuple[list[int], list[int]]], batch_size: int = 16) -> dict:
+    """The finetuning objective on held-out conversations: mean cross-entropy over the assistant's tokens
+    (`loss`, nats per token), and the same total in bits per byte of reply text (`bpb`: each end-of-turn marker
+    counted as one byte), which compares runs with different tokenizers, e.g. a base model against ours."""
+    nats, n, n_bytes = 0.0, 0, 0
     for b in range(0, len(examples), batch_size):
-        x, y = pad_sequences([crop(ids, mask, model.cfg.block_size) for ids, mask, *_ in examples[b:b + batch_size]], tok.pad)
+        chunk = [crop(ids, mask, model.cfg.block_size) for ids, mask, *_ in examples[b:b + batch_size]]
+        x, y = pad_sequences(chunk, tok.pad)
         logits, _ = model(x)
         nats += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"))
         n += int((y != IGNORE).sum())
-    return nats / max(n, 1)
+        for ids, mask in chunk:
+            targets = [t for t, m in zip(ids[1:], mask[1:]) if m]
+            ends = sum(t in tok.stop_ids for t in targets)
+            n_bytes += len(tok.decode([t for t in targets if t not in tok.stop_ids]).encode("utf-8")) + ends
+    return {"loss": nats / max(n, 1), "bpb": nats / math.log(2) / max(n_bytes, 1)}
 
 
 @torch.inference_mode()
