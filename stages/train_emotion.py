@@ -31,7 +31,7 @@ def main(p: Params) -> None:
     fp = phase.fingerprint(p, ["seed", "persona", "model", "base", "lora", "emotion"], [IN, phase.SHAREGPT])
     result = train(model, p.emotion, batches, phase.CHECKPOINTS / "train_emotion", fp,
                    {"seed": p.seed, "live_dir": "reports/train/emotion"}, "train_emotion",
-                   lm_weight=p.emotion.lm_weight)
+                   lm_weight=p.emotion.lm_weight, class_weights=phase.emotion_class_weights(p, train_ex))
     phase.finish(p, "train_emotion", model, result, OUT)
 
 

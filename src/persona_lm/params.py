@@ -381,6 +381,27 @@ class Emotion(Phase):
     ckpt_interval: int = Field(50, ge=1)
     lm_weight: float = Field(0.5, ge=0, description="weight of the LM loss next to the emotion loss")
     freeze_backbone: bool = False
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="emotion cross-entropy weights: balanced = n / (k * count) per label over the train "
+        "split's labelled replies (sklearn's compute_class_weight), so rare moods count as much as neutral")
+
+
+class EmotionBenchmark(EmotionDataset):
+    """A public emotion data set the evaluate stage scores the emotion head on, next to two baselines."""
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="report name; null = kind + the "
+                             "file's split name (goemotions_dev, dailydialog_validation)")
+    drop_overlap: bool = Field(False, description="drop rows whose text is also in the training data instead of "
+                               "refusing the benchmark")
+
+    @property
+    def report_name(self) -> str:
+        """`name`, else kind + split: .../goemotions/dev.tsv -> goemotions_dev, dialogues_validation.txt ->
+        dailydialog_validation."""
+        if self.name:
+            return self.name
+        stem = Path(self.path).name.removesuffix(".gz").rsplit(".", 1)[0]
+        return f"{self.kind}_{stem.removeprefix('dialogues_').removeprefix('dialogues') or 'text'}"
 
 
 class PersonaCheck(Section):
@@ -405,6 +426,16 @@ class Eval(Section):
         PersonaCheck(prompt="Hello! What should I call you?", expect="{name}"),
         PersonaCheck(prompt="Can you tell me your name, please?", expect="{name}"),
     ])
+    emotion_benchmarks: list[EmotionBenchmark] = Field(default_factory=list, description="public emotion data the "
+                                                       "head is scored on next to two baselines (persona_lm.emotion_bench)")
+
+    @model_validator(mode="after")
+    def _benchmark_names(self) -> "Eval":
+        names = [b.report_name for b in self.emotion_benchmarks]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"emotion_benchmarks[{i}].name: {name!r} is used twice (set name: to tell them apart)")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------- root

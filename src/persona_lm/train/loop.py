@@ -89,14 +89,19 @@ def make_optimizer(model: torch.nn.Module, phase, device: str) -> torch.optim.Ad
     return torch.optim.AdamW(groups, lr=phase.lr, betas=(phase.beta1, phase.beta2), fused=True)
 
 
-def batch_loss(model, batch: dict, n_tokens: float, n_labels: float, lm_weight: float):
-    """Sum-reduced losses divided by the global counts: the pieces of one exact mean over the whole step."""
+def batch_loss(model, batch: dict, n_tokens: float, n_labels: float, lm_weight: float,
+               class_weights: torch.Tensor | None = None):
+    """Sum-reduced losses divided by the global counts: the pieces of one exact mean over the whole step.
+
+    `class_weights` (n_emotions,) scales each labelled reply's emotion loss by its label's weight; the sum is
+    still divided by the label count, so balanced weights (mean 1 over the train labels) keep the loss scale."""
     logits, emo = model(batch["x"], persona=batch.get("persona"), emotion_index=batch.get("emotion_index"))
     lm = F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten(), ignore_index=IGNORE,
                          reduction="sum") / max(n_tokens, 1.0)
     if emo is None:
         return lm, {"lm": lm.detach()}
-    em = F.cross_entropy(emo.float(), batch["emotion_label"], reduction="sum") / max(n_labels, 1.0)
+    em = F.cross_entropy(emo.float(), batch["emotion_label"], weight=class_weights,
+                         reduction="sum") / max(n_labels, 1.0)
     correct = (emo.argmax(-1) == batch["emotion_label"]).sum().detach()
     return em + lm_weight * lm, {"lm": lm.detach(), "emotion": em.detach(), "correct": correct}
 
@@ -117,7 +122,8 @@ class PhaseResult:
 
 
 @torch.no_grad()
-def evaluate(model, batches, phase, device, autocast, lm_weight: float) -> dict:
+def evaluate(model, batches, phase, device, autocast, lm_weight: float,
+             class_weights: torch.Tensor | None = None) -> dict:
     model.eval()
     totals = {"lm": 0.0, "emotion": 0.0, "correct": 0.0, "labels": 0.0}
     for i in range(phase.eval_iters):
@@ -125,7 +131,7 @@ def evaluate(model, batches, phase, device, autocast, lm_weight: float) -> dict:
         n_tok = float((batch["y"] != IGNORE).sum())
         n_lab = float(batch["emotion_label"].numel()) if "emotion_label" in batch else 0.0
         with autocast:
-            _, parts = batch_loss(model, batch, n_tok, n_lab, lm_weight)
+            _, parts = batch_loss(model, batch, n_tok, n_lab, lm_weight, class_weights)
         totals["lm"] += float(parts["lm"])
         if "emotion" in parts:
             totals["emotion"] += float(parts["emotion"])
@@ -141,9 +147,10 @@ def evaluate(model, batches, phase, device, autocast, lm_weight: float) -> dict:
 
 
 def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: str, meta: dict,
-          name: str, lm_weight: float = 1.0) -> PhaseResult:
+          name: str, lm_weight: float = 1.0, class_weights: torch.Tensor | None = None) -> PhaseResult:
     """Run `phase.max_iters` optimizer steps, resuming from the newest intact checkpoint in `ckpt_dir` that
-    was written with the same `params_hash` (params and input data), else starting fresh."""
+    was written with the same `params_hash` (params and input data), else starting fresh. `class_weights`
+    weigh the emotion loss per label, in training and in the val loss alike."""
     from dvclive import Live
     from tqdm import tqdm
 
@@ -158,6 +165,8 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 and device.startswith("cuda"))
 
     raw = model.to(device)
+    if class_weights is not None:
+        class_weights = class_weights.to(device=device, dtype=torch.float32)
     raw.grad_checkpointing = phase.grad_checkpointing
     optimizer = make_optimizer(raw, phase, device.split(":")[0])
     step, resumed, train_loss = 0, None, float("nan")
@@ -205,7 +214,7 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
             sync = fwd.no_sync() if dd.enabled and i < len(micro) - 1 else contextlib.nullcontext()
             with sync:
                 with autocast:
-                    loss, _ = batch_loss(fwd, batch, n_tokens, n_labels, lm_weight)
+                    loss, _ = batch_loss(fwd, batch, n_tokens, n_labels, lm_weight, class_weights)
                 # DDP averages gradients over ranks; the counts above are global, so scale back up.
                 scaler.scale(loss * dd.world_size).backward()
             step_loss += float(loss.detach())
@@ -235,7 +244,7 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
                 live.log_metric("lr", lr)
                 live.log_metric("tokens_per_s", tok_rate)
         if step % phase.eval_interval == 0 or step == phase.max_iters:
-            val = evaluate(fwd, batches, phase, device, autocast, lm_weight)
+            val = evaluate(fwd, batches, phase, device, autocast, lm_weight, class_weights)
             if live:
                 live.step = step
                 for k, v in val.items():
@@ -253,7 +262,7 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
     if live:
         live.end()
     if not val:
-        val = evaluate(fwd, batches, phase, device, autocast, lm_weight)
+        val = evaluate(fwd, batches, phase, device, autocast, lm_weight, class_weights)
     raw.to("cpu")
     distributed.cleanup(dd)
     return PhaseResult(step=step, train_loss=train_loss, val_loss=val.get("loss", float("nan")),

@@ -146,6 +146,26 @@ def check_lora(p: Params, phase: str, tok) -> None:
 
 def _own(p: Params, tok) -> GPT:
     arch = {**p.model.model_dump(), "n_kv_head": p.model.n_kv_head or p.model.n_head}
+def emotion_class_weights(p: Params, examples: list[tuple[list[int], list[int], int, int]]) -> torch.Tensor | None:
+    """`emotion.class_weights` as a (n_emotions,) float tensor, or None for `none`.
+
+    balanced: n / (k * count(label)) over the labelled replies in `examples` (n replies, k labels present), as
+    sklearn's compute_class_weight("balanced") computes it (King & Zeng 2001); a label absent from the data
+    gets 1.0 (no reply carries it, so its weight never enters the loss). With GoEmotions + DailyDialog, where
+    neutral and joy are most replies, this raises rare moods' share of the gradient (README, Emotion benchmarks).
+    """
+    if p.emotion.class_weights == "none":
+        return None
+    import numpy as np
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.array([label for _, _, label, _ in examples])
+    present = np.unique(labels)
+    weights = np.ones(len(p.persona.emotions))
+    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
     return GPT(GPTConfig(vocab_size=tok.vocab_size, n_emotions=len(p.persona.emotions), **arch))
 
 
