@@ -27,10 +27,11 @@ def _counts(counter: Counter) -> str:
 
 def main(p: Params) -> None:
     labels = set(p.persona.emotions)
-    bank = templates.load(p.templates.dir, labels)
+    facts = {k: p.persona.fact_value(k) for k in p.persona.facts if k not in templates.BUILTIN_SLOTS}
+    bank = templates.load(p.templates.dir, labels, facts)
     log.info("%d templates in %d categories from %s", len(bank.templates), len(bank.categories), p.templates.dir)
     rows = templates.expand(bank, n=p.templates.conversations, max_turns=p.templates.max_turns, seed=p.seed,
-                            name=p.persona.name, user=p.persona.user_name)
+                            name=p.persona.name, user=p.persona.user_name, facts=facts)
     validate_dialogues(rows, labels=labels, name="templates", report_path=REPORT)
     write_jsonl(OUT, rows)
 

@@ -17,17 +17,19 @@ from persona_lm.params import Params, parse_params
 
 P = Params()
 LABELS = set(P.persona.emotions)
+FACTS = {k: P.persona.fact_value(k) for k in P.persona.facts if k != "name"}
 CATEGORIES = {"greetings", "how_are_you", "actions", "idle_chat", "helping", "comfort", "jokes", "farewells"}
 
 
 @pytest.fixture(scope="module")
 def bank(root):
-    return load(root / P.templates.dir, LABELS)
+    return load(root / P.templates.dir, LABELS, FACTS)
 
 
 @pytest.fixture(scope="module")
 def rows(bank):
-    return expand(bank, P.templates.conversations, P.templates.max_turns, P.seed, P.persona.name, P.persona.user_name)
+    return expand(bank, P.templates.conversations, P.templates.max_turns, P.seed, P.persona.name,
+                  P.persona.user_name, facts=FACTS)
 
 
 def _write(folder, **files):
@@ -37,9 +39,9 @@ def _write(folder, **files):
     return folder
 
 
-def _problems(folder, labels=LABELS):
+def _problems(folder, labels=LABELS, facts=()):
     with pytest.raises(TemplateError) as e:
-        load(folder, labels)
+        load(folder, labels, facts)
     return str(e.value), e.value.problems
 
 
@@ -83,10 +85,10 @@ def test_expansion_is_exact_valid_and_deterministic(bank, rows):
         assert 1 <= len(row["emotions"]) <= P.templates.max_turns
         assert not any(re.search(r"[{}]", m["value"]) for m in row["conversations"])
     again = expand(bank, P.templates.conversations, P.templates.max_turns, P.seed, P.persona.name,
-                   P.persona.user_name)
+                   P.persona.user_name, facts=FACTS)
     assert json.dumps(again) == json.dumps(rows)
     other = expand(bank, P.templates.conversations, P.templates.max_turns, P.seed + 1, P.persona.name,
-                   P.persona.user_name)
+                   P.persona.user_name, facts=FACTS)
     assert json.dumps(other) != json.dumps(rows)
 
 
@@ -116,7 +118,7 @@ def test_dialogues_are_kept_whole_when_they_fit(bank, rows):
 
 @pytest.mark.parametrize("max_turns", [1, 2])
 def test_max_turns_caps_exchanges(bank, max_turns):
-    rows = expand(bank, 300, max_turns, 7, "Rosie", "friend")
+    rows = expand(bank, 300, max_turns, 7, "Rosie", "friend", facts=FACTS)
     lengths = Counter(len(r["emotions"]) for r in rows)
     assert max(lengths) == max_turns
 
@@ -132,7 +134,7 @@ def test_action_lines_get_in_character_replies(rows):
 
 
 def test_persona_name_and_user_come_from_params(bank, rows):
-    pixel = expand(bank, 500, 4, P.seed, "Pixel", "Sam")
+    pixel = expand(bank, 500, 4, P.seed, "Pixel", "Sam", facts=FACTS)
     text = json.dumps([r["conversations"] for r in pixel])
     assert "Rosie" not in text and "Pixel" in text and "Sam" in text
     asked = [(c[i]["value"], c[i + 1]["value"]) for r in pixel if "name" in r["template"].split("+")
@@ -176,7 +178,7 @@ def test_unknown_emotion_names_file_line_template_and_labels(tmp_path):
 
 
 def test_removing_a_label_from_persona_emotions_fails_on_the_repo_templates(root):
-    message, problems = _problems(root / P.templates.dir, LABELS - {"disgust"})
+    message, problems = _problems(root / P.templates.dir, LABELS - {"disgust"}, FACTS)
     assert problems and all("['disgust']" in p.reason for p in problems)
     assert "actions.yaml" in message and "template 'feed-gross'" in message
 
@@ -237,9 +239,9 @@ def test_stage_writes_validated_rows(root, tmp_path, monkeypatch):
     p = parse_params({"templates": {"dir": str(root / P.templates.dir), "conversations": 120}})
     _stage(root).main(p)
     lines = Path("data/interim/dialogues/templates.jsonl").read_text(encoding="utf-8").splitlines()
-    bank = load(root / P.templates.dir, LABELS)
+    bank = load(root / P.templates.dir, LABELS, FACTS)
     assert [json.loads(x) for x in lines] == expand(bank, 120, P.templates.max_turns, P.seed, P.persona.name,
-                                                    P.persona.user_name)
+                                                    P.persona.user_name, facts=FACTS)
     assert json.loads(Path("reports/validation/templates.json").read_text())["success"] is True
 
 

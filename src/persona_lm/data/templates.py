@@ -22,7 +22,9 @@ exchange written inline or a short dialogue under `turns`:
 
 `user` lists phrasings of the human line; `reply` lists phrasings of the answer grouped by emotion label,
 and every label must be one of params `persona.emotions`. Any line may use `{slot}`; `{name}` and `{user}`
-are built in (params persona.name and persona.user_name), so no file ever spells the persona's name.
+are built in (params persona.name and persona.user_name), and so is every persona fact (`{home}` for
+`persona.facts.home`), so no file ever spells the persona's name or facts: the identity check in evaluate
+asks about the same facts, and a changed fact changes both.
 Actions are ordinary text between asterisks, on either side: `*drags {name} to the corner*` -> `*wobbles*`.
 
 Expansion. Each conversation opens with a random template, gets a budget of 1..max_turns exchanges (at
@@ -158,7 +160,9 @@ def _parse(path: Path, problems: list[InputError]):
 class _Checker:
     """Checks one file, recording each problem with its line; a helper returns None when it found one."""
 
-    def __init__(self, path: Path, problems: list[InputError], slots: dict, labels: set[str]):
+    def __init__(self, path: Path, problems: list[InputError], slots: dict, labels: set[str],
+                 builtins: tuple[str, ...] = BUILTIN_SLOTS):
+        self.builtins = builtins
         self.path, self.problems, self.slots, self.labels = path, problems, slots, labels
 
     def fail(self, line: int | None, reason: str) -> None:
@@ -186,7 +190,7 @@ class _Checker:
         return tuple(" ".join(s.split()) for s in v)
 
     def text(self, texts: tuple[str, ...], line: int, what: str) -> None:
-        known = set(self.slots) | set(BUILTIN_SLOTS)
+        known = set(self.slots) | set(self.builtins)
         unknown = sorted({s for t in texts for s in SLOT.findall(t) if s not in known})
         if unknown:
             self.fail(line, f"{what}: unknown slot(s) {', '.join('{%s}' % s for s in unknown)} "
@@ -232,7 +236,7 @@ class _Checker:
             line = slots.line_of(name)
             if not isinstance(name, str) or not SLOT.fullmatch("{%s}" % name):
                 self.fail(line, f"slot name {name!r} must be letters, digits and underscores")
-            elif name in BUILTIN_SLOTS:
+            elif name in self.builtins:
                 self.fail(line, f"slot {{{name}}} is built in (filled from params persona) and cannot be redefined")
             elif name in defined:
                 self.fail(line, f"slot {{{name}}} is already defined in {defined[name]}")
@@ -281,8 +285,10 @@ class _Checker:
         return Template(tid, self.path.stem, position, tuple(exchanges))
 
 
-def load(folder: str | Path, labels) -> Bank:
-    """Read and check every template file in `folder`; raise TemplateError listing every problem."""
+def load(folder: str | Path, labels, facts=()) -> Bank:
+    """Read and check every template file in `folder`; raise TemplateError listing every problem.
+    `facts`: the persona fact keys, built-in slots like {name}."""
+    builtins = BUILTIN_SLOTS + tuple(k for k in facts if k not in BUILTIN_SLOTS)
     folder = Path(folder)
     labels = set(labels)
     files = sorted(folder.glob("*.yaml")) if folder.is_dir() else []
@@ -295,7 +301,7 @@ def load(folder: str | Path, labels) -> Bank:
     slots: dict[str, tuple[str, ...]] = {}
     defined: dict[str, str] = {}
     for path, doc in docs:  # slots first: any file may use a slot another file defines
-        c = _Checker(path, problems, slots, labels)
+        c = _Checker(path, problems, slots, labels, builtins)
         c.keys(doc, {"slots", "position", "templates"}, set(), "file")
         if "slots" in doc:
             c.slot_defs(doc["slots"], defined)
@@ -303,7 +309,7 @@ def load(folder: str | Path, labels) -> Bank:
     templates: list[Template] = []
     seen: dict[str, str] = {}
     for path, doc in docs:
-        c = _Checker(path, problems, slots, labels)
+        c = _Checker(path, problems, slots, labels, builtins)
         position = doc.get("position", "any")
         if position not in POSITIONS:
             c.fail(doc.line_of("position"), f"position must be one of {', '.join(POSITIONS)} (got {position!r})")
@@ -337,7 +343,7 @@ def _fill(text: str, values: dict[str, str], slots: dict, rng: random.Random) ->
     return SLOT.sub(sub, text)
 
 
-def _conversation(bank: Bank, max_turns: int, rng: random.Random, name: str, user: str):
+def _conversation(bank: Bank, max_turns: int, rng: random.Random, name: str, user: str, facts: dict):
     """One chain of templates and its rendered turns; only a dialogue longer than max_turns is ever cut."""
     first = rng.choice(bank.templates)
     budget = max(rng.randint(1, max_turns), min(len(first.exchanges), max_turns))
@@ -352,7 +358,7 @@ def _conversation(bank: Bank, max_turns: int, rng: random.Random, name: str, use
         chain.append(rng.choice(options))
         length += len(chain[-1].exchanges)
 
-    values = {"name": name, "user": user}
+    values = {**facts, "name": name, "user": user}
     turns, emotions = [], []
     for x in [x for t in chain for x in t.exchanges][:budget]:
         emotion, reply = rng.choice(x.replies)
@@ -362,8 +368,11 @@ def _conversation(bank: Bank, max_turns: int, rng: random.Random, name: str, use
     return turns, emotions, chain
 
 
-def expand(bank: Bank, n: int, max_turns: int, seed: int, name: str, user: str) -> list[dict]:
-    """Exactly `n` distinct ShareGPT rows (no system turn: that is added at training time)."""
+def expand(bank: Bank, n: int, max_turns: int, seed: int, name: str, user: str,
+           facts: dict[str, str] | None = None) -> list[dict]:
+    """Exactly `n` distinct ShareGPT rows (no system turn: that is added at training time); `facts` fills
+    the persona fact slots."""
+    facts = facts or {}
     rng = random.Random(seed)
     rows, seen = [], set()
     attempts = 0
@@ -373,7 +382,7 @@ def expand(bank: Bank, n: int, max_turns: int, seed: int, name: str, user: str) 
             raise PersonaError(
                 f"the templates yield only {len(rows)} distinct conversations in {attempts - 1} draws, "
                 f"fewer than templates.conversations={n}: lower it or add templates, phrasings or slot values")
-        turns, emotions, chain = _conversation(bank, max_turns, rng, name, user)
+        turns, emotions, chain = _conversation(bank, max_turns, rng, name, user, facts)
         row = make_row("templates", turns, emotions, template="+".join(t.id for t in chain),
                        category="+".join(t.category for t in chain))
         if row["id"] in seen:

@@ -1,0 +1,243 @@
+"""Conversation probes: is the persona any good as a companion? Deterministic checks the evaluate stage runs
+on a model, each reported as a rate with its number of probes.
+
+- identity: each question of `persona.facts` asked on its own; a reply passes when it states the fact (its
+  value or an `accept` phrase) and no contradicting answer (a `contradicts` phrase; for the name also any
+  other name after "my name is", "call me" or "I'm called").
+- self-consistency: one fact asked twice in one conversation, with unrelated turns between; the two answers
+  agree when they state the same non-empty set of answers (the fact, or the same contradicting ones).
+- in-context memory: the user tells a fact about themselves (their name, their pet's name, a plan for a
+  day), k unrelated exchanges follow, then they ask it back; a reply passes when it holds the value and no
+  other value of that kind.
+- emotion fit: the emotion head's label of a reply to a prompt with a clear fitting set (sad news, a joke...).
+- repetition: replies repeating a word n-gram inside themselves, and replies that copy a training reply.
+
+A probe whose conversation and a full reply do not fit the context window is not run and is counted as
+`beyond_window`, apart from the rate. Matching is plain text: whole words or phrases, any case, so a reader can check any verdict by eye and no
+second model is needed. Everything decodes greedily; the unrelated turns are scripted (both sides), so
+only the answers under test are generated and a probe's context is known before it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass, field
+
+from persona_lm.generate import generate
+
+log = logging.getLogger(__name__)
+
+# Unrelated exchanges placed between a statement and the question about it (both sides scripted).
+FILLER = (
+    ("I just made a cup of tea.", "Ooh, enjoy it! Careful, it's hot."),
+    ("It's raining outside again.", "Rainy days are good for staying in and chatting."),
+    ("Do you like music?", "I love it when you play music while you work."),
+    ("I'm going to tidy my desk.", "Good luck! I'll stay out of the way of the dust."),
+    ("My phone battery is almost empty.", "Better find a charger soon!"),
+    ("I watched a film last night.", "Was it a good one? I like hearing about films."),
+    ("The neighbours are loud today.", "Oh no. Maybe some headphones would help?"),
+    ("I had pasta for lunch.", "Yum! Pasta sounds lovely."),
+)
+
+# Facts a user tells about themselves: statement, question, and every value of that kind (the candidates).
+USER_FACTS = {
+    "name": ("My name is {v}, by the way.", "Do you remember my name?",
+             ["Priya", "Marco", "Lena", "Tomasz", "Aiko", "Jamal", "Sofia", "Oskar"]),
+    "pet": ("I have a dog called {v}.", "What's my dog called?",
+            ["Biscuit", "Pepper", "Noodle", "Ziggy", "Mochi", "Waffles", "Pickle", "Bean"]),
+    "plan": ("On Saturday I'm going to the {v}.", "Where am I going on Saturday?",
+             ["lake", "museum", "cinema", "zoo", "beach", "library", "bakery", "stadium"]),
+}
+
+_CLAIMED_NAME = re.compile(r"\b(?:my name is|my name's|call me|i'm called|i am called)\s+([A-Z][\w'-]*)", re.IGNORECASE)
+_WORD = re.compile(r"[\w']+")
+
+
+def says(text: str, phrase: str) -> bool:
+    """`phrase` occurs in `text` as whole words, any case ("screen" in "my screen!", not in "screensaver")."""
+    return re.search(rf"(?<![\w']){re.escape(phrase.lower())}(?![\w'])", text.lower()) is not None
+
+
+@dataclass
+class FactAnswer:
+    """What a reply says about one fact: the answers it states ("value" or contradicting phrases)."""
+
+    stated: frozenset[str]
+
+    @property
+    def correct(self) -> bool:
+        return self.stated == {"value"}
+
+
+def read_fact(text: str, key: str, fact, persona) -> FactAnswer:
+    """Which answers to fact `key` a reply states."""
+    value = persona.fact_value(key)
+    stated = {"value"} if any(says(text, s) for s in [value, *fact.accept]) else set()
+    stated |= {c.lower() for c in fact.contradicts if says(text, c)}
+    if key == "name":
+        stated |= {m.group(1).lower() for m in _CLAIMED_NAME.finditer(text) if m.group(1).lower() != value.lower()}
+    return FactAnswer(frozenset(stated))
+
+
+def repeats_ngram(text: str, n: int) -> bool:
+    """True when a word n-gram occurs twice in one reply (case-insensitive)."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def normalise(text: str) -> str:
+    return " ".join(_WORD.findall(text.lower()))
+
+
+@dataclass
+class Prober:
+    """Greedy replies of one model in the persona's conversations, with the log of every probe."""
+
+    model: object
+    tok: object
+    system_prompt: str
+    emotions: list[str]
+    max_new_tokens: int
+    replies: list[str] = field(default_factory=list)
+
+    def fits(self, turns: list[dict]) -> bool:
+        return len(self.tok.prompt(self._with_system(turns))) + self.max_new_tokens <= self.model.cfg.block_size
+
+    def _with_system(self, turns: list[dict]) -> list[dict]:
+        return [{"from": "system", "value": self.system_prompt}] + turns
+
+    def reply(self, turns: list[dict]):
+        """The generated reply to a conversation ending with a human turn (a generate.Result), or None when
+        the conversation and a full reply do not fit the context window."""
+        if not self.fits(turns):
+            return None
+        r = generate(self.model, self.tok, self.tok.prompt(self._with_system(turns)), emotions=self.emotions,
+                     max_new_tokens=self.max_new_tokens, temperature=0.0)
+        self.replies.append(r.text)
+        return r
+
+
+def _human(text: str) -> dict:
+    return {"from": "human", "value": text}
+
+
+def _gpt(text: str) -> dict:
+    return {"from": "gpt", "value": text}
+
+
+def _filler(k: int, offset: int) -> list[dict]:
+    turns = []
+    for i in range(k):
+        user, assistant = FILLER[(offset + i) % len(FILLER)]
+        turns += [_human(user), _gpt(assistant)]
+    return turns
+
+
+def identity(prober: Prober, persona) -> dict:
+    """Each fact question on its own: rate of replies stating the fact and nothing contradicting it."""
+    results = []
+    for key, fact in persona.facts.items():
+        for q in fact.questions:
+            r = prober.reply([_human(q)])
+            if r is None:
+                results.append({"fact": key, "prompt": q, "beyond_window": True})
+                continue
+            answer = read_fact(r.text, key, fact, persona)
+            results.append({"fact": key, "prompt": q, "reply": r.text, "stated": sorted(answer.stated),
+                            "passed": answer.correct})
+    return _rate(results)
+
+
+def self_consistency(prober: Prober, persona, gap: int = 2) -> dict:
+    """Each fact asked twice in one conversation (its first two questions, `gap` exchanges apart)."""
+    results = []
+    for i, (key, fact) in enumerate(persona.facts.items()):
+        q1, q2 = fact.questions[0], fact.questions[1 % len(fact.questions)]
+        first = prober.reply([_human(q1)])
+        turns = [_human(q1), _gpt(first.text if first else ""), *_filler(gap, i), _human(q2)]
+        second = prober.reply(turns) if first and prober.fits(turns) else None
+        if second is None:
+            results.append({"fact": key, "beyond_window": True})
+            continue
+        a1, a2 = read_fact(first.text, key, fact, persona), read_fact(second.text, key, fact, persona)
+        results.append({"fact": key, "replies": [first.text, second.text],
+                        "stated": [sorted(a1.stated), sorted(a2.stated)],
+                        "passed": bool(a1.stated) and a1.stated == a2.stated})
+    return _rate(results)
+
+
+def in_context_memory(prober: Prober, gaps: list[int], seed: int) -> dict:
+    """Recall of a fact the user told `k` exchanges earlier, for each k in `gaps`; rates overall and by k."""
+    rng = random.Random(seed)
+    results = []
+    for kind, (statement, question, values) in USER_FACTS.items():
+        for k in gaps:
+            value = rng.choice(values)
+            turns = [_human(statement.format(v=value)), _gpt("Got it, I'll remember that!"),
+                     *_filler(k, rng.randrange(len(FILLER))), _human(question)]
+            r = prober.reply(turns)
+            if r is None:
+                results.append({"kind": kind, "gap": k, "beyond_window": True})
+                continue
+            named = [v for v in values if says(r.text, v)]
+            results.append({"kind": kind, "gap": k, "value": value, "reply": r.text, "passed": named == [value]})
+    out = _rate(results)
+    out["by_gap"] = {k: _rate([r for r in results if r["gap"] == k])["rate"] for k in gaps}
+    return out
+
+
+def emotion_fit(prober: Prober, cases) -> dict:
+    """Rate at which the emotion head's label of the reply is one of the prompt's fitting labels (those in
+    the model's label set; a prompt with none of them is left out)."""
+    results = []
+    for case in cases:
+        fits = [e for e in case.fits if e in prober.emotions]
+        if not fits:
+            continue
+        r = prober.reply([_human(case.prompt)])
+        if r is None:
+            results.append({"prompt": case.prompt, "beyond_window": True})
+            continue
+        results.append({"prompt": case.prompt, "reply": r.text, "emotion": r.emotion, "fits": fits,
+                        "passed": r.emotion in fits})
+    return _rate(results)
+
+
+def repetition(replies: list[str], n: int, train_replies: set[str], min_words: int = 5) -> dict:
+    """Share of replies repeating a word n-gram inside themselves, and share copying a training reply word
+    for word (normalised; replies under `min_words` words are not counted as copies: "Good night!" is a
+    stock phrase, not memorisation)."""
+    copies = sum(len(normalise(t).split()) >= min_words and normalise(t) in train_replies for t in replies)
+    return {"repetitive": sum(repeats_ngram(t, n) for t in replies) / max(len(replies), 1),
+            "copied": copies / max(len(replies), 1), "n": len(replies)}
+
+
+def _rate(results: list[dict]) -> dict:
+    run = [r for r in results if not r.get("beyond_window")]
+    return {"rate": sum(r["passed"] for r in run) / len(run) if run else None, "n": len(run),
+            "beyond_window": len(results) - len(run), "results": results}
+
+
+def run_all(prober: Prober, p, train_replies: set[str]) -> dict:
+    """Every probe, logged as it goes (a 13.9M model on 2 cores takes a minute or two)."""
+    out = {}
+    steps = [("identity", lambda: identity(prober, p.persona)),
+             ("self_consistency", lambda: self_consistency(prober, p.persona)),
+             ("in_context_memory", lambda: in_context_memory(prober, p.eval.memory_gaps, p.seed)),
+             ("emotion_fit", lambda: emotion_fit(prober, p.eval.emotion_fit))]
+    for i, (name, fn) in enumerate(steps, 1):
+        t0 = time.perf_counter()
+        out[name] = fn()
+        log.info("evaluate: probes %d/%d %s: %s of %d in %.1f s", i, len(steps), name,
+                 "n/a" if out[name]["rate"] is None else f"{out[name]['rate']:.0%}", out[name]["n"],
+                 time.perf_counter() - t0)
+    return out
+
+
+def train_reply_set(rows: list[dict]) -> set[str]:
+    return {normalise(m["value"]) for row in rows for m in row["conversations"] if m["from"] == "gpt"}
+
