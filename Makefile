@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The scripts of the offline `dvc plots show` page (.dvc/plots_template.html), from the npm registry.
+PLOTS_JS := vendor/vega
+PLOTS_JS_STAMP := $(PLOTS_JS)/.installed
 
 # No telemetry from any tool we run.
 export DVC_NO_ANALYTICS := 1
@@ -15,13 +18,17 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup repro test bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(PLOTS_JS_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required; set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+$(PLOTS_JS_STAMP): tools/plots_js.py | $(STAMP)
+	$(BIN)/python tools/plots_js.py $(PLOTS_JS)
+	touch $(PLOTS_JS_STAMP)
 
 repro: setup
 	$(BIN)/dvc repro
@@ -35,4 +42,4 @@ bench: setup
 	$(BIN)/python bench/transcripts.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(PLOTS_JS)

@@ -1,5 +1,6 @@
 """The markdown report card of a run: params, data, metrics, loss curves, persona checks and samples in one
-page (reports/report_card.md), built only from files the pipeline already wrote."""
+page (reports/report_card.md), built only from files the pipeline already wrote, with PNG figures of the curves
+and the emotion confusion matrix beside it (reports/figures/)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import csv
 import json
 from pathlib import Path
 
+from persona_lm import figures
+from persona_lm.figures import Curve
 from persona_lm.lora import uses_lora
 from persona_lm.params import Params
 
 BARS = "▁▂▃▄▅▆▇█"
+PHASES = ("pretrain", "finetune", "emotion")
+FIGURES = Path("reports/figures")
 
 
 def sparkline(values: list[float], width: int = 40) -> str:
@@ -23,13 +28,64 @@ def sparkline(values: list[float], width: int = 40) -> str:
     return "".join(BARS[int((v - lo) / span * (len(BARS) - 1))] for v in vals)
 
 
-def _curve(path: Path) -> list[float]:
+def _curve(path: Path) -> tuple[list[int], list[float]]:
+    """(steps, values) of one dvclive TSV; empty when the file is absent."""
     if not path.exists():
-        return []
+        return [], []
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     key = [k for k in (rows[0] if rows else {}) if k not in ("step", "timestamp")]
-    return [float(r[key[0]]) for r in rows] if key else []
+    if not key:
+        return [], []
+    return [int(r["step"]) for r in rows], [float(r[key[0]]) for r in rows]
+
+
+def _meaning(p: Params, phase: str, metric: str) -> str:
+    """What a logged loss is (train/loop.py): the emotion phase trains emotion CE + lm_weight × LM CE."""
+    emotion_ce = ("class-weighted emotion CE" if getattr(p.emotion, "class_weights", "none") == "balanced"
+                  else "emotion CE")
+    if metric == "loss" and phase == "emotion":
+        return f"{emotion_ce} + {p.emotion.lm_weight:g} × LM CE"
+    meanings = {"loss": "LM CE per token", "lm_loss": "LM CE per token", "emotion_loss": f"{emotion_ce} per reply"}
+    return meanings.get(metric, metric)
+
+
+def phase_curves(p: Params, phase: str) -> list[Curve]:
+    """A phase's train loss, the val curve of the same quantity (val `loss`; `lm_loss` where an older run logged
+    only that) and, in the emotion phase, the val loss's two parts dashed; each labelled with what it is."""
+    metrics = Path(f"reports/train/{phase}/plots/metrics")
+    curves = []
+    val_keys = ["loss"] if (metrics / "val" / "loss.tsv").exists() else ["lm_loss"]
+    if phase == "emotion":
+        val_keys += [k for k in ("emotion_loss", "lm_loss") if k not in val_keys]
+    for split, keys in (("train", ["loss"]), ("val", val_keys)):
+        for key in keys:
+            steps, vals = _curve(metrics / split / f"{key}.tsv")
+            if vals:
+                curves.append(Curve(f"{split} {key} ({_meaning(p, phase, key)})", steps, vals,
+                                    dashed=split == "val" and key != val_keys[0]))
+    return curves
+
+
+def write_figures(p: Params, curves: dict[str, list[Curve]]) -> dict[str, str]:
+    """Write the run's PNGs into reports/figures/, removing ones this run has no data for; {phase or
+    "confusion": its markdown image line}, paths relative to the card."""
+    written = {}
+    for phase, cs in curves.items():
+        if cs:
+            written[phase] = figures.training_curves(cs, f"{phase}: loss by step", FIGURES / f"loss_{phase}.png")
+    pairs = _load("reports/eval/emotion_confusion.json") or []
+    if pairs:
+        written["confusion"] = figures.confusion_matrix(pairs, p.persona.emotions, FIGURES / "emotion_confusion.png")
+    for old in FIGURES.glob("*.png"):
+        if old not in written.values():
+            old.unlink()
+    alt = {"confusion": "emotion confusion matrix: rows normalised, counts in the cells"}
+    return {k: f"![{alt.get(k, k + ' loss curves')}]({FIGURES.name}/{out.name})" for k, out in written.items()}
+
+
+def _value(v) -> str:
+    return "n/a" if v is None else str(v)
 
 
 def _load(path: str) -> dict:
@@ -40,8 +96,9 @@ def _load(path: str) -> dict:
 def render(p: Params, metrics: dict, checks: dict, samples: list[dict], params_count: dict) -> str:
     m, lp = p.model, p.lora
     if p.base.model is None:
-        arch = (f"{m.n_layer} layers, {m.n_head} heads ({m.n_kv_head} kv), {m.n_embd} dims, block {m.block_size}, "
-                f"{m.norm} + {m.mlp} + {m.pos} positions, {'tied' if m.tie_embeddings else 'untied'} embeddings")
+        arch = (f"{m.n_layer} layers, {m.n_head} heads ({m.n_kv_head or m.n_head} kv), {m.n_embd} dims, "
+                f"block {m.block_size}, {m.norm} + {m.mlp} + {m.pos} positions, "
+                f"{'tied' if m.tie_embeddings else 'untied'} embeddings")
     else:
         arch = f"base {p.base.model} ({p.base.revision}), context {m.block_size}, markers as {p.base.markers}"
     lora_phases = [ph for ph in lp.phases if uses_lora(p, ph)]
@@ -59,15 +116,21 @@ def render(p: Params, metrics: dict, checks: dict, samples: list[dict], params_c
     if share:
         lines.append(f"- sharegpt: {json.dumps({k: v for k, v in share.items() if not isinstance(v, (dict, list))})}")
     lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in metrics.items()]
+    lines += [f"| {k} | {_value(v)} |" for k, v in metrics.items()]
     lines += ["", "## Training curves (loss, left to right)", ""]
-    for phase in ("pretrain", "finetune", "emotion"):
-        for split in ("train", "val"):
-            vals = _curve(Path(f"reports/train/{phase}/plots/metrics/{split}/{'loss' if split == 'train' else 'lm_loss'}.tsv"))
-            if vals:
-                lines.append(f"- {phase} {split}: `{sparkline(vals)}` {vals[0]:.3f} → {vals[-1]:.3f}")
+    curves = {phase: phase_curves(p, phase) for phase in PHASES}
+    for phase, cs in curves.items():
+        for c in cs:
+            if not c.dashed:
+                lines.append(f"- {phase} {c.label}: `{sparkline(c.values)}` {c.values[0]:.3f} → {c.values[-1]:.3f}")
+    images = write_figures(p, curves)
+    if curves_shown := [images[ph] for ph in PHASES if ph in images]:
+        lines += ["", *curves_shown]
+    if "confusion" in images:
+        lines += ["", "## Emotion confusion", "", images["confusion"]]
     lines += ["", f"## Persona checks ({checks['pass_rate']:.0%} passed)", ""]
     lines += [f"- {'✅' if r['passed'] else '❌'} **{r['prompt']}** → {r['reply']!r}" for r in checks["results"]]
     lines += ["", "## Samples", ""]
-    lines += [f"- **{s['prompt']}** → {s['reply']!r} *({s['emotion']})*" for s in samples]
+    lines += [f"- **{s['prompt']}** → {s['reply']!r}" + (f" *({s['emotion']})*" if s.get("emotion") else "")
+              for s in samples]
     return "\n".join(lines) + "\n"
