@@ -234,3 +234,22 @@ def test_full_pretraining_then_lora_keeps_both_and_exports_merged(tmp_path):
     assert (hf(idx).logits - logits_of(ours, idx)).abs().max().item() < 1e-4
     stock = transformers.AutoModelForCausalLM.from_pretrained(d / "base").eval()
     assert (stock(idx).logits - logits_of(ours, idx)).abs().max().item() > 1e-3  # both changes are in there
+
+
+@pytest.mark.parametrize("make", [llama_base, gpt2_base])
+def test_batched_generation_on_a_base_equals_one_at_a_time(tmp_path, make):
+    from persona_lm import base
+    from persona_lm.generate import generate, generate_batch
+    from persona_lm.params import Base
+    from persona_lm.tokenizer import TemplateTokenizer
+
+    folder = make(tmp_path / "base")
+    _, record = base.resolve(Base(model=str(folder)))
+    tok = TemplateTokenizer.build(folder, "text", EMOTIONS, record)
+    model = base.new(record, tok, len(EMOTIONS), 96).eval()
+    prompts = [tok.prompt([{"from": "human", "value": t}]) for t in ("Hi", "What is your name, friend?", "Ok?")]
+    for kw in (dict(temperature=0), dict(temperature=1.0, seed=3, repetition_penalty=1.2)):
+        batch = generate_batch(model, tok, prompts, max_new_tokens=10, emotions=EMOTIONS, **kw)
+        for prompt, got in zip(prompts, batch):
+            alone = generate(model, tok, prompt, max_new_tokens=10, emotions=EMOTIONS, **kw)
+            assert (got.ids, got.text, got.emotion) == (alone.ids, alone.text, alone.emotion)

@@ -241,3 +241,33 @@ def test_text_stream_holds_back_a_possible_stop(tok):
     assert "".join(out) == "ok " and not ts.stopped
     out += [ts.push(i) for i in tok.encode("D!")]
     assert ts.stopped and ts.text == "ok " and "".join(out) + ts.flush() == "ok "
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.9, top_k=20, top_p=0.9, seed=5,
+                                                                 repetition_penalty=1.2)])
+def test_batch_rows_equal_their_solo_replies(tok, family, sampling):
+    from persona_lm.generate import generate_batch
+
+    model = tiny(tok.vocab_size, family, block_size=64)
+    texts = ["Hi", "How are you today, my friend?", "Café?", "Tell me something nice about the weather."]
+    prompts = [tok.prompt([{"from": "human", "value": t}]) for t in texts]
+    assert len({len(p) for p in prompts}) == len(prompts)  # every row padded by a different amount
+    kw = dict(max_new_tokens=12, stop=["!"], emotions=EMOTIONS, **sampling)
+    batch = generate_batch(model, tok, prompts, **kw)
+    for prompt, got in zip(prompts, batch):
+        alone = generate(model, tok, prompt, **kw)
+        assert (got.ids, got.text, got.finish_reason, got.emotion, got.n_prompt) == \
+            (alone.ids, alone.text, alone.finish_reason, alone.emotion, alone.n_prompt)
+    with pytest.raises(ValueError, match="block_size"):
+        generate_batch(model, tok, [list(range(60))], max_new_tokens=8)
+
+
+def test_padded_positions_never_attend_to_padding():
+    from persona_lm.model import padded_positions
+
+    pos, mask = padded_positions(0, 4, torch.tensor([0, 2]))
+    assert pos.tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]]
+    assert mask[1, 0].int().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    pos, mask = padded_positions(4, 1, torch.tensor([0, 2]))  # one decode step after the prompt
+    assert pos.tolist() == [[4], [2]] and mask[:, 0].int().tolist() == [[[1, 1, 1, 1, 1]], [[0, 0, 1, 1, 1]]]

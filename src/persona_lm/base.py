@@ -241,8 +241,10 @@ class BaseLM(nn.Module):
     def new_cache(self, batch_size: int = 1, device=None, dtype=None) -> HFCache:
         return HFCache(self.hf.config)
 
-    def hidden(self, idx: torch.Tensor, persona: torch.Tensor | None = None, cache: HFCache | None = None) -> torch.Tensor:
-        """Final normalised hidden states (B, T, n_embd) for token ids (B, T); `cache` enables decoding."""
+    def hidden(self, idx: torch.Tensor, persona: torch.Tensor | None = None, cache: HFCache | None = None,
+               pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normalised hidden states (B, T, n_embd) for token ids (B, T); `cache` enables decoding; `pad`
+        (B,) counts each row's left padding, as in GPT.hidden (transformers' attention mask + position ids)."""
         if persona is not None and bool(persona.any()):
             raise ValueError("a base-model run holds one persona: persona index must be 0")
         B, T = idx.shape
@@ -250,8 +252,12 @@ class BaseLM(nn.Module):
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
         positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0).expand(B, T)
-        out = self.hf.base_model(input_ids=idx, position_ids=positions, use_cache=cache is not None,
-                                 past_key_values=cache.kv if cache is not None else None)
+        attention = None
+        if pad is not None:
+            positions = (positions - pad[:, None]).clamp(min=0)
+            attention = (torch.arange(start + T, device=idx.device) >= pad[:, None]).long()
+        out = self.hf.base_model(input_ids=idx, position_ids=positions, attention_mask=attention,
+                                 use_cache=cache is not None, past_key_values=cache.kv if cache is not None else None)
         if cache is not None:
             cache.kv = out.past_key_values
             cache.advance(T)

@@ -309,3 +309,75 @@ def generate(model, tokenizer, prompt: Sequence[int], **kw) -> Result:
     for _ in g:
         pass
     return g.result
+
+
+@torch.inference_mode()
+def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
+                   temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                   seed: int | None = None, stop: Sequence[str] = (), emotions: Sequence[str] | None = None) -> list[Result]:
+    """Replies to several prompts with one forward pass per step for all of them (evaluation's many probes).
+
+    The prompts are left-padded to one length; the model's `pad` argument keeps each row's positions and
+    attention its own, and each row is sampled with its own generator seeded by `seed`, so a row decodes what
+    `generate()` decodes for it alone (a batched matrix product may round differently: a near-tie can break
+    the other way). Every prompt plus max_new_tokens must fit block_size (no re-windowing here): ValueError
+    otherwise. Rows that finish early ride along until the last one ends. Returns one Result per prompt, in
+    order; `seconds` is the whole batch's time.
+    """
+    t0 = time.perf_counter()
+    block, B = model.cfg.block_size, len(prompts)
+    if not prompts:
+        return []
+    if any(len(pr) == 0 or len(pr) + max_new_tokens > block for pr in prompts):
+        raise ValueError(f"generate_batch needs every prompt non-empty and prompt + max_new_tokens <= block_size {block}")
+    device = next(model.parameters()).device
+    width = max(len(pr) for pr in prompts)
+    pad = torch.tensor([width - len(pr) for pr in prompts], device=device)
+    ids = torch.full((B, width + max_new_tokens), tokenizer.pad, dtype=torch.long, device=device)
+    for b, pr in enumerate(prompts):
+        ids[b, width - len(pr):width] = torch.tensor(list(pr), dtype=torch.long)
+    exempt = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=device)
+    exempt[sorted(tokenizer.special_ids)] = True
+    generators = [None if seed is None else torch.Generator(device=device).manual_seed(seed) for _ in range(B)]
+    streams = [TextStream(tokenizer, stop) for _ in range(B)]
+    new: list[list[int]] = [[] for _ in range(B)]
+    reasons, ends = ["length"] * B, [None] * B
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(B, device, next(model.parameters()).dtype)
+        h = model.hidden(ids[:, :width], None, cache, pad)[:, -1]
+        n = width
+        for step in range(max_new_tokens):
+            logits = model.lm_head(h).float()
+            for b in range(B):
+                if ends[b] is not None:
+                    continue
+                row = apply_repetition_penalty(logits[b:b + 1], ids[b:b + 1, int(pad[b]):n], repetition_penalty, exempt)
+                tok = int(sample(row, temperature, top_k, top_p, generators[b]))
+                ids[b, n] = tok
+                new[b].append(tok)
+                if tok in tokenizer.stop_ids:
+                    reasons[b] = "stop"
+                else:
+                    streams[b].push(tok)
+                    if streams[b].stopped:
+                        reasons[b] = "stop"
+                if reasons[b] == "stop" or step == max_new_tokens - 1:
+                    ends[b] = h[b:b + 1]  # the state whose logits gave the last token: the emotion head reads it
+            n += 1
+            if all(e is not None for e in ends):
+                break
+            h = model.hidden(ids[:, n - 1:n], None, cache, pad)[:, -1]
+    finally:
+        model.train(was_training)
+    head = getattr(model, "emotion_head", None)
+    seconds = time.perf_counter() - t0
+    results = []
+    for b in range(B):
+        streams[b].flush()
+        emotion = None
+        if head is not None and emotions:
+            emotion = emotions[int(head(ends[b]).argmax(-1))]
+        results.append(Result(streams[b].text, new[b], reasons[b], emotion, len(prompts[b]), len(new[b]), seconds))
+    return results

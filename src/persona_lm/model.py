@@ -115,8 +115,9 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x, B: int, T: int, rope=None, cache=None):
-        """x: (B*T, n_embd) -> (B*T, n_embd), before the residual add."""
+    def forward(self, x, B: int, T: int, rope=None, cache=None, mask=None):
+        """x: (B*T, n_embd) -> (B*T, n_embd), before the residual add. `mask` (B, 1, T, keys) bool, when given,
+        replaces the causal rule (a left-padded batch, see GPT.hidden)."""
         cfg = self.cfg
         # one view for all heads, then split: q and the keys+values as (B, heads, T, head_dim); the keys and
         # values stay one tensor so that the cache stores them with a single copy
@@ -128,13 +129,13 @@ class Attention(nn.Module):
         if rope is not None:
             k, v = kv.split_with_sizes([cfg.n_kv_head, cfg.n_kv_head], 1)
             q, kv = apply_rope(q, *rope), torch.cat([apply_rope(k, *rope), v], dim=1)
-        mask, causal = None, True
+        causal = mask is None
         if cache is not None:
             start = cache.length
             kv = cache.append(self.layer, kv)
             if start > 0:
                 causal = False
-                if T > 1:  # a new chunk on top of a filled cache: causal within the chunk, full over the past
+                if T > 1 and mask is None:  # a new chunk on a filled cache: causal within it, full over the past
                     mask = torch.ones(T, kv.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start)
         k, v = kv.split_with_sizes([cfg.n_kv_head, cfg.n_kv_head], 1)
         # enable_gqa shares each k/v head with n_head/n_kv_head query heads without copying k and v
@@ -169,8 +170,8 @@ class Block(nn.Module):
         self.ln_1, self.attn = make_norm(cfg), Attention(cfg, layer)
         self.ln_2, self.mlp = make_norm(cfg), MLP(cfg)
 
-    def forward(self, x, B: int, T: int, rope=None, cache=None):
-        a = self.attn.forward(norm(self.ln_1, x), B, T, rope, cache)
+    def forward(self, x, B: int, T: int, rope=None, cache=None, mask=None):
+        a = self.attn.forward(norm(self.ln_1, x), B, T, rope, cache, mask)
         if self.dropout and self.training:
             a = F.dropout(a, self.dropout)
         x = x + a
@@ -178,6 +179,17 @@ class Block(nn.Module):
         if self.dropout and self.training:
             m = F.dropout(m, self.dropout)
         return x + m
+
+
+def padded_positions(start: int, T: int, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For T new tokens after `start` cached ones in rows left-padded by `pad` (B,): positions (B, T) counted
+    from each row's first real token, and the attention mask (B, 1, T, start + T): causal, never onto padding.
+    A padding query sees itself, so that no softmax row is empty (an empty one is NaN, which would spread)."""
+    q = torch.arange(start, start + T, device=pad.device)
+    k = torch.arange(start + T, device=pad.device)
+    mask = (k <= q[:, None]) & (k >= pad[:, None, None])
+    mask |= k == q[:, None]
+    return (q - pad[:, None]).clamp(min=0), mask.unsqueeze(1)
 
 
 class GPT(nn.Module):
@@ -223,15 +235,25 @@ class GPT(nn.Module):
 
         return KVCache(self.cfg, batch_size, device, dtype)
 
-    def hidden(self, idx: torch.Tensor, persona: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """Final normalised hidden states (B, T, n_embd). `cache` (see generate.KVCache) enables decoding."""
+    def hidden(self, idx: torch.Tensor, persona: torch.Tensor | None = None, cache=None,
+               pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normalised hidden states (B, T, n_embd). `cache` (see generate.KVCache) enables decoding.
+
+        `pad` (B,) long: rows of a batch left-padded to one length hold that many padding tokens first. Each
+        row's positions then count from its first real token and no position attends to padding, so a row
+        computes what it would alone (generate.generate_batch).
+        """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
         x = F.embedding(idx, self.wte.weight)
+        pos, mask = None, None
+        if pad is not None:
+            pos, mask = padded_positions(start, T, pad)
         if self.wpe is not None:
-            x = x + self.wpe.weight[start:start + T]  # the same rows as wpe(arange), without building the index
+            # the same rows as wpe(arange), without building the index
+            x = x + (self.wpe.weight[start:start + T] if pos is None else self.wpe.weight[pos])
         if persona is None:  # persona 0 by default, so the embedding is always part of the graph
             x = x + self.persona.weight[0]
         else:
@@ -242,11 +264,13 @@ class GPT(nn.Module):
         rope = None
         if self.cfg.pos == "rope":
             rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
+            if pos is not None:
+                rope = (self.rope_cos[pos].unsqueeze(1).to(x.dtype), self.rope_sin[pos].unsqueeze(1).to(x.dtype))
         for block in self.blocks:
             if self.grad_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, B, T, rope, None, use_reentrant=False)
+                x = checkpoint(block, x, B, T, rope, None, mask, use_reentrant=False)
             else:
-                x = block.forward(x, B, T, rope, cache)
+                x = block.forward(x, B, T, rope, cache, mask)
         if cache is not None:
             cache.advance(T)
         return norm(self.ln_f, x).view(B, T, -1)
