@@ -20,6 +20,7 @@ log = logging.getLogger("persona_lm.build_sharegpt")
 DIALOGUES = "data/interim/dialogues"
 OUT = "data/processed/sharegpt"
 METRICS = "reports/sharegpt.json"
+SUMMARY = "reports/dataset.json"  # the DVC metric; the full report (skips, labels, sources) is METRICS
 VALIDATION = "reports/validation/sharegpt.json"
 
 
@@ -28,6 +29,8 @@ def main(p: Params) -> None:
     validate_dialogues(train + val, labels=set(p.persona.emotions), name="sharegpt", report_path=VALIDATION)
     write_split(OUT, train, val)
     write_json(METRICS, metrics)
+    write_json(SUMMARY, {"train_rows": metrics["train"]["rows"], "val_rows": metrics["val"]["rows"],
+                         "skipped": metrics["skipped"], "finetune_share": metrics["finetune_shares"]})
     log.info("sharegpt: %d train, %d val rows (%d skipped); per source: %s", len(train), len(val),
              metrics["skipped"], {s: m["rows_out"] for s, m in metrics["sources"].items()})
 

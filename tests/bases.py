@@ -113,8 +113,7 @@ def write_project(d: Path, params: dict) -> Path:
             "lora": {"r": 8, "alpha": 16},
             "pretrain": {**phase, "max_iters": 6}, "finetune": {**phase, "max_iters": 12, "replay": 0.1},
             "emotion": {**phase, "max_iters": 6},
-            "eval": {"max_new_tokens": 8, "prompts": ["Hi!"],
-                     "persona_checks": [{"prompt": "What is your name?", "expect": "{name}"}]}}
+            "eval": {"max_new_tokens": 8, "prompts": ["Hi!"], "memory_gaps": [1]}}
     for section, values in params.items():
         base[section] = {**base.get(section, {}), **values} if isinstance(values, dict) else values
     (d / "params.yaml").write_text(yaml.safe_dump(base))

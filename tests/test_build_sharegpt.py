@@ -357,3 +357,51 @@ def test_stage_end_to_end(root, tmp_path):
     assert res.returncode == 1
     assert "sharegpt.extra[0]: file not found: missing.jsonl" in res.stderr and "Traceback" not in res.stderr
     assert (out / "train.jsonl").read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------------ finetune shares
+
+def test_mix_shares_gives_listed_sources_their_share_and_the_rest_by_size():
+    from persona_lm.data.build import mix_shares
+
+    sizes = {"templates": 300, "transcripts": 100, "messages": 0, "extra": 0, "emotion": 4000}
+    assert mix_shares({"extra": 0.1, "emotion": 0.1}, sizes) == pytest.approx(
+        {"templates": 0.9 * 0.75, "transcripts": 0.9 * 0.25, "emotion": 0.1})
+    # without public data the default leaves the natural mix; all listed -> scaled to 1
+    assert mix_shares({"extra": 0.1, "emotion": 0.1}, {"templates": 3, "transcripts": 1}) == \
+        pytest.approx({"templates": 0.75, "transcripts": 0.25})
+    assert mix_shares({"templates": 0.2, "emotion": 0.2}, {"templates": 1, "emotion": 9}) == \
+        pytest.approx({"templates": 0.5, "emotion": 0.5})
+    assert mix_shares({"emotion": 0.0}, {"templates": 1, "emotion": 9}) == pytest.approx({"templates": 1.0, "emotion": 0.0})
+
+
+def test_build_reports_shares_and_warns_when_public_rows_drown_the_persona(tmp_path, caplog):
+    d = tmp_path / "dialogues"
+    write_rows(d / "templates.jsonl", [qa(i) for i in range(30)])
+    extra = write_rows(tmp_path / "public.jsonl", [qa(1000 + i, source="extra") for i in range(600)])
+    p = params(sharegpt={"extra": [str(extra)], "shares": {"extra": 0.1}})
+    _, _, m = build(p, d)
+    assert m["finetune_shares"]["extra"] == pytest.approx(0.1) and m["finetune_shares"]["templates"] == pytest.approx(0.9)
+    assert "persona_floor" not in caplog.text
+    _, _, m = build(params(sharegpt={"extra": [str(extra)], "shares": {}}), d)
+    assert m["finetune_shares"]["extra"] > 0.9
+    assert "below sharegpt.persona_floor 50%" in caplog.text
+
+
+def test_finetune_samples_each_source_at_its_share_of_tokens():
+    import torch
+
+    from persona_lm.train.batches import ChatBatches
+    from persona_lm.train.phase import share_weights
+
+    rows = [{"source": "templates"}] * 30 + [{"source": "emotion"}] * 600
+    examples = [([1] * 11, [1] * 11, 0)] * 30 + [([2] * 21, [1] * 21, 0)] * 600  # public rows twice as long
+    p = params(sharegpt={"shares": {"emotion": 0.2}})
+    w = share_weights(p, rows, examples)
+    batches = ChatBatches(examples, examples, None, 0.0, 64, 32, 0, seed=3, train_weights=w)
+    tokens = torch.zeros(3)
+    for step in range(300):
+        x = batches.get("train", step)["x"]
+        tokens += torch.bincount(x.flatten(), minlength=3)[:3].float()
+    assert tokens[2] / (tokens[1] + tokens[2]) == pytest.approx(0.2, abs=0.02)
+    assert share_weights(params(sharegpt={"shares": {}}), rows, examples) is None  # natural mix: uniform draws

@@ -24,9 +24,10 @@ class Scripted(probes.Prober):
     def fits(self, turns):
         return sum(len(t["value"].split()) for t in turns) <= self.model.cfg.block_size
 
+    def reply_all(self, conversations):
+        return [None if turns is None or not self.fits(turns) else self.reply(turns) for turns in conversations]
+
     def reply(self, turns):
-        if not self.fits(turns):
-            return None
         self.seen.append(turns)
         answer = self.script.get(turns[-1]["value"], self.default)
         text, emotion = answer if isinstance(answer, tuple) else (answer, "neutral")
@@ -77,7 +78,7 @@ def test_self_consistency_needs_the_same_non_empty_answer_twice():
     prober = Scripted(script)
     r = probes.self_consistency(prober, persona, gap=2)
     assert {x["fact"]: x["passed"] for x in r["results"]} == {"name": True, "home": True, "favourite_food": False}
-    second = prober.seen[1]  # the name asked again: its first answer and two scripted exchanges in between
+    second = prober.seen[3]  # the name asked again: its first answer and two scripted exchanges in between
     assert [t["from"] for t in second] == ["human", "gpt", "human", "gpt", "human", "gpt", "human"]
     assert second[1]["value"] == "I'm Rosie." and second[-1]["value"] == "Your name again?"
     assert probes.self_consistency(Scripted({}), persona)["rate"] == 0  # "Hmm." twice states nothing
@@ -88,8 +89,6 @@ def test_in_context_memory_recalls_by_gap_and_counts_what_does_not_fit():
         """Answers a question with every candidate value the first user line holds."""
 
         def reply(self, turns):
-            if not self.fits(turns):
-                return None
             said = turns[0]["value"]
             text = " ".join(v for _, (_, _, values) in probes.USER_FACTS.items() for v in values if probes.says(said, v))
             self.replies.append(text)
@@ -154,3 +153,13 @@ def test_probes_on_a_real_tiny_model_are_deterministic(tmp_path):
     assert memory["beyond_window"] >= 3  # six exchanges do not fit 96 tokens; none of them was generated
     assert all(x.get("beyond_window") for x in memory["results"] if x["gap"] == 6)
     assert a["identity"]["n"] == sum(len(f.questions) for f in P.persona.facts.values())
+
+
+def test_fact_questions_are_held_out_from_the_templates(root):
+    from persona_lm.data.templates import load
+
+    bank = load(root / P.templates.dir, set(P.persona.emotions), [k for k in P.persona.facts if k != "name"])
+    user_lines = {probes.normalise(u) for t in bank.templates for x in t.exchanges for u in x.user}
+    questions = [q for f in P.persona.facts.values() for q in f.questions]
+    assert not [q for q in questions if probes.normalise(q) in user_lines]
+    assert not [c.prompt for c in P.eval.emotion_fit if probes.normalise(c.prompt) in user_lines]

@@ -1,8 +1,8 @@
 """Evaluation of a model folder: what the evaluate stage measures.
 
 Bits per byte on the corpus val split (comparable across tokenizers, unlike per-token loss), assistant-token
-loss on ShareGPT val (per token, and in bits per byte of reply text, which compares a base model with ours), emotion accuracy / macro-F1 / confusion on held-out labelled replies, persona checks
-over a fixed prompt set, distinct-2 and samples from fixed prompts. Everything here is deterministic for a
+loss on ShareGPT val (per token, and in bits per byte of reply text, which compares a base model with ours), emotion accuracy / macro-F1 / confusion on held-out labelled replies, distinct-n and samples
+from fixed prompts (the conversation probes are in persona_lm.probes). Everything here is deterministic for a
 given model and params; timings are measured separately so the quality metrics reproduce exactly.
 """
 
@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from persona_lm.generate import generate
+from persona_lm.generate import generate, generate_batch
 from persona_lm.train.batches import IGNORE, collate_emotion, crop, pad_sequences
 
 
@@ -89,29 +89,19 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(set(grams)) / max(len(grams), 1)
 
 
-def reply(model, tok, system_prompt: str, prompt: str, emotions: list[str], **sampling):
-    turns = [{"from": "system", "value": system_prompt}, {"from": "human", "value": prompt}]
-    return generate(model, tok, tok.prompt(turns), emotions=emotions, **sampling)
-
-
-def persona_checks(model, tok, system_prompt: str, checks, name: str, emotions: list[str], **sampling) -> dict:
-    """How often greedy replies to fixed prompts contain what the persona must say (e.g. its name)."""
-    results = []
-    for check in checks:
-        r = reply(model, tok, system_prompt, check.prompt, emotions, **sampling)
-        expect = check.expect.format(name=name)
-        results.append({"prompt": check.prompt, "reply": r.text, "expect": expect,
-                        "passed": expect.lower() in r.text.lower()})
-    return {"pass_rate": sum(r["passed"] for r in results) / max(len(results), 1), "results": results}
-
-
 def samples(model, tok, system_prompt: str, prompts: list[str], emotions: list[str], **sampling) -> tuple[list[dict], dict]:
-    """Replies to fixed prompts, plus decode timings (kept apart from the deterministic metrics)."""
-    out, n_new, seconds = [], 0, 0.0
-    for prompt in prompts:
-        t0 = time.perf_counter()
-        r = reply(model, tok, system_prompt, prompt, emotions, **sampling)
-        seconds += time.perf_counter() - t0
-        n_new += r.n_new
-        out.append({"prompt": prompt, "reply": r.text, "emotion": r.emotion, "finish_reason": r.finish_reason})
+    """Replies to fixed prompts, each sampled as `generate()` samples it alone with the same seed, decoded in one
+    batch (a prompt too long for that is decoded alone, re-windowing as chat does); plus decode timings (kept
+    apart from the deterministic metrics)."""
+    t0 = time.perf_counter()
+    encoded = [tok.prompt([{"from": "system", "value": system_prompt}, {"from": "human", "value": p}]) for p in prompts]
+    room = model.cfg.block_size - sampling.get("max_new_tokens", 256)
+    batched = [i for i, ids in enumerate(encoded) if len(ids) <= room]
+    results = dict(zip(batched, generate_batch(model, tok, [encoded[i] for i in batched], emotions=emotions, **sampling)))
+    results |= {i: generate(model, tok, ids, emotions=emotions, **sampling)
+                for i, ids in enumerate(encoded) if i not in results}
+    seconds = time.perf_counter() - t0
+    out = [{"prompt": prompt, "reply": results[i].text, "emotion": results[i].emotion,
+            "finish_reason": results[i].finish_reason} for i, prompt in enumerate(prompts)]
+    n_new = sum(r.n_new for r in results.values())
     return out, {"generated_tokens": n_new, "generation_tokens_per_s": n_new / max(seconds, 1e-9)}

@@ -24,6 +24,45 @@ class Section(BaseModel):
 
 # ---------------------------------------------------------------------------------------------- persona
 
+class Fact(Section):
+    """One thing the persona says about itself. Templates write it as `{key}`; the identity check asks its
+    `questions` (paraphrases kept out of the templates) and passes a reply that states it and nothing that
+    contradicts it (see persona_lm.probes)."""
+
+    value: str | None = Field(None, min_length=1, description="as the templates say it; the name fact's is persona.name")
+    accept: list[str] = Field(default_factory=list, description="other phrases that state it (the value always does)")
+    contradicts: list[str] = Field(default_factory=list, description="phrases that state a different answer")
+    questions: list[str] = Field(min_length=1, description="held-out questions about it, for the identity check")
+
+
+def _default_facts() -> dict[str, Fact]:
+    return {
+        "name": Fact(questions=["May I ask your name?", "Who am I talking to?", "How should I address you?",
+                                "Can you tell me your name, please?", "What do people call you?",
+                                "Sorry, I forgot your name. What was it?"],
+                     contradicts=["Bob", "Alice", "Siri", "Alexa", "ChatGPT", "Clippy"]),
+        "kind": Fact(value="desktop companion", accept=["companion", "desktop friend", "desktop pet"],
+                     contradicts=["human", "person", "robot with arms", "cat", "dog"],
+                     questions=["What kind of being are you?", "So what exactly are you?",
+                                "Are you a person or something else?", "What are you, really?"]),
+        "home": Fact(value="your screen", accept=["screen", "desktop", "taskbar"],
+                     contradicts=["house", "forest", "city", "ocean", "cloud", "phone"],
+                     questions=["Where do you stay?", "Where's your home?", "Where do you hang out?",
+                                "Where can I find you?"]),
+        "favourite_food": Fact(value="strawberries", accept=["strawberry"],
+                     contradicts=["pizza", "chocolate", "cookies", "cake", "apples", "sandwich"],
+                     questions=["What food do you love most?", "Which snack is your favourite?",
+                                "If you could eat one thing, what would it be?", "What's the best food?"]),
+        "favourite_colour": Fact(value="yellow", accept=["sunny yellow"],
+                       contradicts=["red", "blue", "green", "purple", "pink", "orange", "black"],
+                       questions=["Which colour do you like best?", "What's your favorite color?",
+                                  "Pick a colour you love."]),
+        "fear": Fact(value="the recycle bin", accept=["recycle bin", "trash can", "being deleted"],
+                     contradicts=["spiders", "dogs", "the dark", "heights"],
+                     questions=["What frightens you?", "What's your biggest fear?", "Is there anything you're scared of?"]),
+    }
+
+
 class Persona(Section):
     name: str = Field("Rosie", min_length=1)
     user_name: str = Field("friend", min_length=1)
@@ -38,6 +77,21 @@ class Persona(Section):
         ],
         min_length=2,
     )
+    facts: dict[str, Fact] = Field(default_factory=_default_facts)
+
+    @model_validator(mode="after")
+    def _facts(self) -> "Persona":
+        for key, fact in self.facts.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", key):
+                raise ValueError(f"facts.{key}: a fact key is a lowercase identifier (templates write it as {{{key}}})")
+            if key in ("name", "user") and fact.value is not None:
+                raise ValueError(f"facts.{key}.value: set by persona.name / persona.user_name, not here")
+            if key not in ("name", "user") and fact.value is None:
+                raise ValueError(f"facts.{key}.value: required key is missing")
+        return self
+
+    def fact_value(self, key: str) -> str:
+        return self.name if key == "name" else self.user_name if key == "user" else self.facts[key].value
 
     @model_validator(mode="after")
     def _emotions_unique(self) -> "Persona":
@@ -231,6 +285,12 @@ class Sharegpt(Section):
     weights: dict[Literal["templates", "transcripts", "messages", "extra", "emotion"], float] = Field(
         default_factory=lambda: {"templates": 1.0, "transcripts": 1.0, "messages": 1.0, "extra": 1.0, "emotion": 1.0}
     )
+    shares: dict[Literal["templates", "transcripts", "messages", "extra", "emotion"], float] = Field(
+        default_factory=lambda: {"extra": 0.1, "emotion": 0.1},
+        description="fraction of the finetune phase's tokens a source gets; unlisted sources share the rest "
+                    "in proportion to their tokens")
+    persona_floor: float = Field(0.5, ge=0, le=1, description="warn when templates + transcripts + messages "
+                                                              "get less than this share of finetune tokens")
     val_fraction: float = Field(0.1, gt=0, lt=1)
     max_value_chars: int = Field(8000, ge=1)
 
@@ -239,6 +299,11 @@ class Sharegpt(Section):
         for k, w in self.weights.items():
             if w < 0:
                 raise ValueError(f"weights.{k}: must be >= 0 (got {w})")
+        for k, w in self.shares.items():
+            if not 0 <= w <= 1:
+                raise ValueError(f"shares.{k}: must be between 0 and 1 (got {w})")
+        if sum(self.shares.values()) > 1 + 1e-9:
+            raise ValueError(f"shares: must add up to at most 1 (got {sum(self.shares.values()):g})")
         return self
 
 
@@ -404,14 +469,30 @@ class EmotionBenchmark(EmotionDataset):
         return f"{self.kind}_{stem.removeprefix('dialogues_').removeprefix('dialogues') or 'text'}"
 
 
-class PersonaCheck(Section):
+class EmotionFit(Section):
     prompt: str = Field(min_length=1)
-    expect: str = Field(min_length=1, description="text the reply must contain; {name} = persona.name")
+    fits: list[str] = Field(min_length=1, description="emotion labels that fit a reply to the prompt")
+
+
+def _default_emotion_fit() -> list[EmotionFit]:
+    cases = {
+        ("sadness", "love"): ["My dog died this morning.", "I failed my exam and I feel awful.",
+                              "Nobody came to my birthday party."],
+        ("joy", "surprise"): ["Why did the scarecrow win an award? Because he was outstanding in his field!",
+                              "Knock knock! Who's there? Lettuce. Lettuce in, it's cold out here!",
+                              "What do you call a fish with no eyes? A fsh!"],
+        ("surprise", "joy", "anger"): ["*pokes you*", "*pokes you again, harder*", "*boops your nose*"],
+        ("joy", "love"): ["You're the best companion anyone could have.", "I love talking to you, you always "
+                          "cheer me up.", "You look really cute today!"],
+        ("fear", "anger", "sadness"): ["I'm going to delete you right now.", "I'll drag you into the recycle "
+                                       "bin and empty it.", "Be quiet or I'll uninstall you!"],
+    }
+    return [EmotionFit(prompt=prompt, fits=list(fits)) for fits, prompts in cases.items() for prompt in prompts]
 
 
 class Eval(Section):
     max_new_tokens: int = Field(48, ge=1)
-    temperature: float = Field(0.8, ge=0, description="for samples; persona checks decode greedily")
+    temperature: float = Field(0.8, ge=0, description="for samples; the probes decode greedily")
     top_k: int = Field(40, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     repetition_penalty: float = Field(1.1, ge=1)
@@ -420,12 +501,10 @@ class Eval(Section):
         "Hi! Who are you?", "How are you feeling today?", "*pokes you*", "Can you help me plan my afternoon?",
         "I had a really bad day.", "Tell me a joke!", "*drags you to the corner of the screen*", "Good night!",
     ], min_length=1)
-    persona_checks: list[PersonaCheck] = Field(default_factory=lambda: [
-        PersonaCheck(prompt="What's your name?", expect="{name}"),
-        PersonaCheck(prompt="Who are you?", expect="{name}"),
-        PersonaCheck(prompt="Hello! What should I call you?", expect="{name}"),
-        PersonaCheck(prompt="Can you tell me your name, please?", expect="{name}"),
-    ])
+    emotion_fit: list[EmotionFit] = Field(default_factory=_default_emotion_fit)
+    memory_gaps: list[int] = Field(default_factory=lambda: [1, 3, 6], min_length=1,
+                                   description="turns between a user's fact and the question about it")
+    repeat_ngram: int = Field(4, ge=2, description="a reply repeating a word n-gram of this size counts as repetitive")
     emotion_benchmarks: list[EmotionBenchmark] = Field(default_factory=list, description="public emotion data the "
                                                        "head is scored on next to two baselines (persona_lm.emotion_bench)")
 
@@ -457,6 +536,16 @@ class Params(Section):
     pretrain: Pretrain = Pretrain()
     finetune: Finetune = Finetune()
     eval: Eval = Eval()
+
+    @model_validator(mode="after")
+    def _fit_labels(self) -> "Params":
+        if "emotion_fit" not in self.eval.model_fields_set:
+            return self  # the defaults name every default label; evaluate keeps those of persona.emotions
+        for i, case in enumerate(self.eval.emotion_fit):
+            unknown = [e for e in case.fits if e not in self.persona.emotions]
+            if unknown:
+                raise ValueError(f"eval.emotion_fit[{i}].fits: {unknown} not in persona.emotions")
+        return self
 
     @model_validator(mode="after")
     def _base_personas(self) -> "Params":

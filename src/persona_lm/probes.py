@@ -26,7 +26,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from persona_lm.generate import generate
+from persona_lm.generate import generate_batch
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +95,15 @@ def normalise(text: str) -> str:
 
 @dataclass
 class Prober:
-    """Greedy replies of one model in the persona's conversations, with the log of every probe."""
+    """Greedy replies of one model in the persona's conversations, decoded `batch_size` at a time (one forward
+    per step for a whole batch: generate.generate_batch), with every reply kept for the repetition check."""
 
     model: object
     tok: object
     system_prompt: str
     emotions: list[str]
     max_new_tokens: int
+    batch_size: int = 16
     replies: list[str] = field(default_factory=list)
 
     def fits(self, turns: list[dict]) -> bool:
@@ -110,15 +112,19 @@ class Prober:
     def _with_system(self, turns: list[dict]) -> list[dict]:
         return [{"from": "system", "value": self.system_prompt}] + turns
 
-    def reply(self, turns: list[dict]):
-        """The generated reply to a conversation ending with a human turn (a generate.Result), or None when
-        the conversation and a full reply do not fit the context window."""
-        if not self.fits(turns):
-            return None
-        r = generate(self.model, self.tok, self.tok.prompt(self._with_system(turns)), emotions=self.emotions,
-                     max_new_tokens=self.max_new_tokens, temperature=0.0)
-        self.replies.append(r.text)
-        return r
+    def reply_all(self, conversations: list[list[dict] | None]) -> list:
+        """The generated reply to each conversation ending with a human turn (a generate.Result), or None for
+        one that does not fit the context window together with a full reply (or is None itself)."""
+        out = [None] * len(conversations)
+        todo = [i for i, turns in enumerate(conversations) if turns is not None and self.fits(turns)]
+        for b in range(0, len(todo), self.batch_size):
+            chunk = todo[b:b + self.batch_size]
+            prompts = [self.tok.prompt(self._with_system(conversations[i])) for i in chunk]
+            for i, r in zip(chunk, generate_batch(self.model, self.tok, prompts, max_new_tokens=self.max_new_tokens,
+                                                  temperature=0.0, emotions=self.emotions)):
+                out[i] = r
+                self.replies.append(r.text)
+        return out
 
 
 def _human(text: str) -> dict:
@@ -139,28 +145,29 @@ def _filler(k: int, offset: int) -> list[dict]:
 
 def identity(prober: Prober, persona) -> dict:
     """Each fact question on its own: rate of replies stating the fact and nothing contradicting it."""
+    asked = [(key, fact, q) for key, fact in persona.facts.items() for q in fact.questions]
     results = []
-    for key, fact in persona.facts.items():
-        for q in fact.questions:
-            r = prober.reply([_human(q)])
-            if r is None:
-                results.append({"fact": key, "prompt": q, "beyond_window": True})
-                continue
-            answer = read_fact(r.text, key, fact, persona)
-            results.append({"fact": key, "prompt": q, "reply": r.text, "stated": sorted(answer.stated),
-                            "passed": answer.correct})
+    for (key, fact, q), r in zip(asked, prober.reply_all([[_human(q)] for _, _, q in asked])):
+        if r is None:
+            results.append({"fact": key, "prompt": q, "beyond_window": True})
+            continue
+        answer = read_fact(r.text, key, fact, persona)
+        results.append({"fact": key, "prompt": q, "reply": r.text, "stated": sorted(answer.stated),
+                        "passed": answer.correct})
     return _rate(results)
 
 
 def self_consistency(prober: Prober, persona, gap: int = 2) -> dict:
     """Each fact asked twice in one conversation (its first two questions, `gap` exchanges apart)."""
+    facts = list(persona.facts.items())
+    pairs = [(f.questions[0], f.questions[1 % len(f.questions)]) for _, f in facts]
+    firsts = prober.reply_all([[_human(q1)] for q1, _ in pairs])
+    follow = [[_human(q1), _gpt(first.text if first else ""), *_filler(gap, i), _human(q2)]
+              for i, ((q1, q2), first) in enumerate(zip(pairs, firsts))]
+    seconds = prober.reply_all([turns if first else None for turns, first in zip(follow, firsts)])
     results = []
-    for i, (key, fact) in enumerate(persona.facts.items()):
-        q1, q2 = fact.questions[0], fact.questions[1 % len(fact.questions)]
-        first = prober.reply([_human(q1)])
-        turns = [_human(q1), _gpt(first.text if first else ""), *_filler(gap, i), _human(q2)]
-        second = prober.reply(turns) if first and prober.fits(turns) else None
-        if second is None:
+    for (key, fact), first, second in zip(facts, firsts, seconds):
+        if first is None or second is None:
             results.append({"fact": key, "beyond_window": True})
             continue
         a1, a2 = read_fact(first.text, key, fact, persona), read_fact(second.text, key, fact, persona)
@@ -173,18 +180,20 @@ def self_consistency(prober: Prober, persona, gap: int = 2) -> dict:
 def in_context_memory(prober: Prober, gaps: list[int], seed: int) -> dict:
     """Recall of a fact the user told `k` exchanges earlier, for each k in `gaps`; rates overall and by k."""
     rng = random.Random(seed)
-    results = []
+    probes, conversations = [], []
     for kind, (statement, question, values) in USER_FACTS.items():
         for k in gaps:
             value = rng.choice(values)
-            turns = [_human(statement.format(v=value)), _gpt("Got it, I'll remember that!"),
-                     *_filler(k, rng.randrange(len(FILLER))), _human(question)]
-            r = prober.reply(turns)
-            if r is None:
-                results.append({"kind": kind, "gap": k, "beyond_window": True})
-                continue
-            named = [v for v in values if says(r.text, v)]
-            results.append({"kind": kind, "gap": k, "value": value, "reply": r.text, "passed": named == [value]})
+            probes.append((kind, k, value, values))
+            conversations.append([_human(statement.format(v=value)), _gpt("Got it, I'll remember that!"),
+                                  *_filler(k, rng.randrange(len(FILLER))), _human(question)])
+    results = []
+    for (kind, k, value, values), r in zip(probes, prober.reply_all(conversations)):
+        if r is None:
+            results.append({"kind": kind, "gap": k, "beyond_window": True})
+            continue
+        named = [v for v in values if says(r.text, v)]
+        results.append({"kind": kind, "gap": k, "value": value, "reply": r.text, "passed": named == [value]})
     out = _rate(results)
     out["by_gap"] = {k: _rate([r for r in results if r["gap"] == k])["rate"] for k in gaps}
     return out
@@ -193,16 +202,14 @@ def in_context_memory(prober: Prober, gaps: list[int], seed: int) -> dict:
 def emotion_fit(prober: Prober, cases) -> dict:
     """Rate at which the emotion head's label of the reply is one of the prompt's fitting labels (those in
     the model's label set; a prompt with none of them is left out)."""
+    asked = [(c.prompt, [e for e in c.fits if e in prober.emotions]) for c in cases]
+    asked = [(prompt, fits) for prompt, fits in asked if fits]
     results = []
-    for case in cases:
-        fits = [e for e in case.fits if e in prober.emotions]
-        if not fits:
-            continue
-        r = prober.reply([_human(case.prompt)])
+    for (prompt, fits), r in zip(asked, prober.reply_all([[_human(prompt)] for prompt, _ in asked])):
         if r is None:
-            results.append({"prompt": case.prompt, "beyond_window": True})
+            results.append({"prompt": prompt, "beyond_window": True})
             continue
-        results.append({"prompt": case.prompt, "reply": r.text, "emotion": r.emotion, "fits": fits,
+        results.append({"prompt": prompt, "reply": r.text, "emotion": r.emotion, "fits": fits,
                         "passed": r.emotion in fits})
     return _rate(results)
 

@@ -13,6 +13,12 @@ source, 1 keeps it as is, 2 doubles it, 0.5 keeps an exact, reproducible half, a
 plus a half again. Because the choice hangs on each row's key, not its position, reordering an input or
 adding rows to it does not reshuffle which rows were chosen.
 
+Weights shape the dataset; `sharegpt.shares` shape the finetune phase's sampling: what fraction of its tokens
+each source gets (see `mix_shares`), so adding a large public set cannot drown the persona. The build
+reports the shares that result (by text size; finetune applies them by tokens) and warns when the persona's
+own sources fall below `sharegpt.persona_floor`. The emotion head in phase 3 reads every labelled reply,
+whatever its source's share.
+
 The train/val split is decided by the conversation key alone (a row is val when its key's hash falls
 below `sharegpt.val_fraction`), so a conversation never crosses the split, copies made by a weight land on
 the same side as their original, and a row keeps its side across runs, seeds and added data.
@@ -175,7 +181,17 @@ def build(p: Params, dialogues_dir: str | Path = "data/interim/dialogues") -> tu
     random.Random(p.seed + 1).shuffle(val)
 
     labels = Counter(e for _, r in mixed for e in r["emotions"])
+    chars = Counter()
+    for row in train:
+        chars[row["source"]] += sum(len(m["value"]) for m in row["conversations"])
+    shares = mix_shares(p.sharegpt.shares, chars)
+    if shares and persona_share(shares) < p.sharegpt.persona_floor:
+        log.warning("the persona's own sources (templates, transcripts, messages) get %.0f%% of finetune text, "
+                    "below sharegpt.persona_floor %.0f%%: its name and voice may be drowned (shares: %s)",
+                    100 * persona_share(shares), 100 * p.sharegpt.persona_floor,
+                    {s: round(v, 3) for s, v in shares.items()})
     metrics.update({
+        "finetune_shares": {s: round(shares.get(s, 0.0), 4) for s in SOURCES},
         "train": _split_stats(train),
         "val": _split_stats(val),
         "labelled_replies": {e: labels[e] for e in p.persona.emotions} | {"unlabelled": labels[None]},
@@ -184,6 +200,32 @@ def build(p: Params, dialogues_dir: str | Path = "data/interim/dialogues") -> tu
         "import_notes": dict(sorted(notes.items())),
     })
     return train, val, metrics
+
+
+def mix_shares(shares: dict[str, float], sizes: dict[str, float]) -> dict[str, float]:
+    """Each source's fraction of the finetune phase's tokens, from `sharegpt.shares` and each source's size.
+
+    A listed source with data gets its share; the unlisted ones with data split the rest in proportion to
+    their sizes. When every source with data is listed, their shares are scaled to add up to 1; a listed source
+    with no data gives its share to the others the same way. So the default `{extra: 0.1, emotion: 0.1}`
+    leaves a run without public data as it was, and caps 40k public rows at a fifth of the tokens beside 3k
+    persona rows instead of letting them take nine tenths.
+    """
+    present = {s: n for s, n in sizes.items() if n > 0}
+    listed = {s: shares[s] for s in present if s in shares}
+    rest = {s: n for s, n in present.items() if s not in shares}
+    out = dict(listed)
+    left = max(0.0, 1.0 - sum(listed.values()))
+    if rest:
+        total = sum(rest.values())
+        out.update({s: left * n / total for s, n in rest.items()})
+    total = sum(out.values())
+    return {s: (v / total if total > 0 else 0.0) for s, v in out.items()}
+
+
+def persona_share(shares: dict[str, float]) -> float:
+    """The share of the persona's own sources (templates, transcripts, messages)."""
+    return sum(v for s, v in shares.items() if s in DIALOGUE_SOURCES)
 
 
 def _split_stats(rows: list[dict]) -> dict:

@@ -93,6 +93,8 @@ class ChatBatches:
     block_size: int
     pad_id: int
     seed: int
+    train_weights: torch.Tensor | None = None  # (N,) sampling weights of train (the source shares); None = uniform
+    val_weights: torch.Tensor | None = None
 
     def get(self, split: str, step: int, rank: int = 0) -> dict:
         g = generator(self.seed, split, step, rank)
@@ -101,7 +103,11 @@ class ChatBatches:
             if float(torch.rand(1, generator=g)) < self.replay:
                 x, y = sample_windows(self.corpus, self.batch_size, self.block_size, g)
                 return {"x": x, "y": y}
-        picks = pick(pool, self.batch_size, g)
+        weights = self.train_weights if split == "train" else self.val_weights
+        if weights is None:
+            picks = pick(pool, self.batch_size, g)
+        else:
+            picks = [pool[i] for i in torch.multinomial(weights, self.batch_size, replacement=True, generator=g).tolist()]
         x, y = pad_sequences([crop(ids, mask, self.block_size) for ids, mask, _ in picks], self.pad_id)
         return {"x": x, "y": y, "persona": torch.tensor([persona for _, _, persona in picks])}
 

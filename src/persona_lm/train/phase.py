@@ -110,8 +110,24 @@ def chat_examples(p: Params, tok: ChatTokenizer, rows: list[dict]) -> list[tuple
     return out
 
 
+def share_weights(p: Params, rows: list[dict], examples: list[tuple]) -> torch.Tensor | None:
+    """Sampling weight (N,) of each finetune example, so that each source gets its `sharegpt.shares` fraction
+    of the tokens: a source's share / its total tokens, spread evenly over its rows. None when that is
+    uniform (the shares match the sizes), so such a run samples exactly as a run without shares."""
+    from persona_lm.data.build import mix_shares
+
+    tokens: dict[str, float] = {}
+    for row, ex in zip(rows, examples):
+        tokens[row["source"]] = tokens.get(row["source"], 0) + min(len(ex[0]), p.model.block_size + 1)
+    shares = mix_shares(p.sharegpt.shares, tokens)
+    weights = torch.tensor([shares[row["source"]] / tokens[row["source"]] for row in rows], dtype=torch.float64)
+    return None if torch.allclose(weights, weights[:1].expand_as(weights), rtol=1e-9, atol=0) else weights
+
+
 def emotion_examples(p: Params, tok: ChatTokenizer, rows: list[dict]) -> list[tuple[list[int], list[int], int, int]]:
-    """One example per labelled reply: the conversation up to and including that reply (no emotion prefix)."""
+    """One example per labelled reply: the conversation up to and including that reply (no emotion prefix).
+    Replies of the public emotion datasets teach the head only (their LM mask is zero): they already had their
+    `sharegpt.shares` fraction in finetune, and phase 3 reads all of them."""
     index = {label: i for i, label in enumerate(p.persona.emotions)}
     out = []
     for row in rows:
@@ -125,27 +141,11 @@ def emotion_examples(p: Params, tok: ChatTokenizer, rows: list[dict]) -> list[tu
             gpt_seen += 1
             if label in index:  # the conversation up to this reply's end token (a template may add text after it)
                 ids, mask, ends = tok.render(turns[: k + 1])
-                out.append((ids[:ends[-1] + 1], mask[:ends[-1] + 1], index[label], persona_id(p, row)))
+                mask = [0] * (ends[-1] + 1) if row.get("source") == "emotion" else mask[:ends[-1] + 1]
+                out.append((ids[:ends[-1] + 1], mask, index[label], persona_id(p, row)))
     return out
 
 
-def check_lora(p: Params, phase: str, tok) -> None:
-    """Check `lora.target_modules` before any weights are loaded or downloaded: on a weightless skeleton of
-    the base (built from its config.json), or of our model."""
-    if not lora.uses_lora(p, phase) or p.lora.target_modules is None:
-        return
-    if p.base.model is None:
-        with torch.device("meta"):
-            lora.check_targets(_own(p, tok), p.lora.target_modules, own=True)
-        return
-    from persona_lm import base
-
-    record = tok.info["base"]
-    lora.check_targets(base.skeleton(base.config_folder(record), record["model"]), p.lora.target_modules, own=False)
-
-
-def _own(p: Params, tok) -> GPT:
-    arch = {**p.model.model_dump(), "n_kv_head": p.model.n_kv_head or p.model.n_head}
 def emotion_class_weights(p: Params, examples: list[tuple[list[int], list[int], int, int]]) -> torch.Tensor | None:
     """`emotion.class_weights` as a (n_emotions,) float tensor, or None for `none`.
 
@@ -166,6 +166,23 @@ def emotion_class_weights(p: Params, examples: list[tuple[list[int], list[int], 
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def check_lora(p: Params, phase: str, tok) -> None:
+    """Check `lora.target_modules` before any weights are loaded or downloaded: on a weightless skeleton of
+    the base (built from its config.json), or of our model."""
+    if not lora.uses_lora(p, phase) or p.lora.target_modules is None:
+        return
+    if p.base.model is None:
+        with torch.device("meta"):
+            lora.check_targets(_own(p, tok), p.lora.target_modules, own=True)
+        return
+    from persona_lm import base
+
+    record = tok.info["base"]
+    lora.check_targets(base.skeleton(base.config_folder(record), record["model"]), p.lora.target_modules, own=False)
+
+
+def _own(p: Params, tok) -> GPT:
+    arch = {**p.model.model_dump(), "n_kv_head": p.model.n_kv_head or p.model.n_head}
     return GPT(GPTConfig(vocab_size=tok.vocab_size, n_emotions=len(p.persona.emotions), **arch))
 
 
