@@ -52,8 +52,7 @@ def png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", ihdr)
 
 
-# No persona checks in these cards; the argument's shape is changing with the conversation probes (report._probes).
-NO_CHECKS = {} if hasattr(report, "_probes") else {"pass_rate": 1.0, "results": []}
+NO_CHECKS: dict = {}  # no conversation probes in these cards
 
 
 def render(p: Params) -> str:
@@ -146,3 +145,19 @@ def test_confusion_matrix_rows_are_normalised_and_keep_every_pair(tmp_path):
     assert shares[1] == [1 / 6, 4 / 6, 1 / 6, 0.0] and shares[3] == [0.0, 1.0, 0.0, 0.0]
     out = figures.confusion_matrix(pairs, EMOTIONS, tmp_path / "c.png")
     assert png_size(out.read_bytes()) == tuple(round(x * figures.DPI) for x in figures.confusion_size(4))
+
+
+def test_probes_are_listed_with_their_rate_and_verdicts(run_dir):
+    probed = {
+        "identity": {"rate": 0.5, "n": 2, "beyond_window": 1, "results": [
+            {"fact": "name", "prompt": "May I ask your name?", "reply": "I'm Rosie!", "passed": True},
+            {"fact": "name", "prompt": "Who am I talking to?", "reply": "I'm Bob.", "passed": False},
+            {"fact": "home", "prompt": "Where's your home?", "beyond_window": True}]},
+        "in_context_memory": {"rate": None, "n": 0, "beyond_window": 0, "results": []},
+    }
+    card = report.render(Params(), {"identity_rate": 0.5, "probes": {"identity": 2}}, probed, [],
+                         {"total": 1000, "embedding": 200})
+    assert "## Identity (50% of 2)" in card and "## In context memory (not run)" in card
+    assert "- ✅ **May I ask your name?** → \"I'm Rosie!\"" in card and "- ❌ **Who am I talking to?**" in card
+    assert "1 probe(s) did not fit the context window" in card and "Where's your home?" not in card
+    assert "| probes |" not in card  # a grouped metric is not a table row

@@ -93,7 +93,31 @@ def _load(path: str) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def render(p: Params, metrics: dict, checks: dict, samples: list[dict], params_count: dict) -> str:
+def _probes(probed: dict) -> list[str]:
+    """One section per conversation probe (persona_lm.probes): its rate, and every probe with its verdict."""
+    lines = []
+    for name, r in probed.items():
+        rate = "not run" if r["rate"] is None else f"{r['rate']:.0%} of {r['n']}"
+        lines += ["", f"## {name.replace('_', ' ').capitalize()} ({rate})", ""]
+        if r.get("beyond_window"):
+            lines.append(f"- {r['beyond_window']} probe(s) did not fit the context window and were not run")
+        for x in r["results"]:
+            if x.get("beyond_window"):
+                continue
+            mark = "✅" if x["passed"] else "❌"
+            if "prompt" in x:
+                what = f"**{x['prompt']}** → {x['reply']!r}"
+            elif "replies" in x:
+                what = f"**{x['fact']}** asked twice → {x['replies'][0]!r} / {x['replies'][1]!r}"
+            else:
+                what = f"**{x['kind']}** {x['value']!r}, asked {x['gap']} turn(s) later → {x['reply']!r}"
+            if "emotion" in x:
+                what += f" *({x['emotion']}; fits {', '.join(x['fits'])})*"
+            lines.append(f"- {mark} {what}")
+    return lines
+
+
+def render(p: Params, metrics: dict, probed: dict, samples: list[dict], params_count: dict) -> str:
     m, lp = p.model, p.lora
     if p.base.model is None:
         arch = (f"{m.n_layer} layers, {m.n_head} heads ({m.n_kv_head or m.n_head} kv), {m.n_embd} dims, "
@@ -116,7 +140,7 @@ def render(p: Params, metrics: dict, checks: dict, samples: list[dict], params_c
     if share:
         lines.append(f"- sharegpt: {json.dumps({k: v for k, v in share.items() if not isinstance(v, (dict, list))})}")
     lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {_value(v)} |" for k, v in metrics.items()]
+    lines += [f"| {k} | {_value(v)} |" for k, v in metrics.items() if not isinstance(v, dict)]
     lines += ["", "## Training curves (loss, left to right)", ""]
     curves = {phase: phase_curves(p, phase) for phase in PHASES}
     for phase, cs in curves.items():
@@ -128,8 +152,7 @@ def render(p: Params, metrics: dict, checks: dict, samples: list[dict], params_c
         lines += ["", *curves_shown]
     if "confusion" in images:
         lines += ["", "## Emotion confusion", "", images["confusion"]]
-    lines += ["", f"## Persona checks ({checks['pass_rate']:.0%} passed)", ""]
-    lines += [f"- {'✅' if r['passed'] else '❌'} **{r['prompt']}** → {r['reply']!r}" for r in checks["results"]]
+    lines += _probes(probed)
     lines += ["", "## Samples", ""]
     lines += [f"- **{s['prompt']}** → {s['reply']!r}" + (f" *({s['emotion']})*" if s.get("emotion") else "")
               for s in samples]
