@@ -128,6 +128,9 @@ def test_baselines_are_deterministic_and_fit_a_separable_set():
     assert first == again
     assert first["tfidf_lr"] == ["joy", "sadness", "neutral", "sadness"]
     assert first["majority"] == ["neutral"] * 4
+    balanced = [list(eb.fit_baselines(texts, gold, seed=1, class_weight="balanced")["tfidf_lr"].predict(probe))
+                for _ in range(2)]
+    assert balanced[0] == balanced[1] == ["joy", "sadness", "neutral", "sadness"]
     with pytest.raises(PersonaError, match="at least two"):
         eb.fit_baselines(["a", "b"], ["joy", "joy"], seed=1)
 
@@ -165,8 +168,8 @@ def test_run_writes_compact_metrics_and_the_full_tables(tmp_path):
     assert results["dd"]["support"] == {"fear": 1, "joy": 1, "neutral": 1, "sadness": 1, "surprise": 1}
     m = eb.metrics(results)
     assert set(m["dd"]) == {"n", "head_accuracy", "head_macro_f1", "tfidf_lr_macro_f1", "majority_macro_f1"}
-    # dvc metrics show names a column by its full key; keep them short enough to read
-    assert max(len(f"emotion_bench.{n}.{k}") for n in m for k in m[n]) <= 50
+    # `dvc metrics show` makes a column of every key: five per benchmark, the per-label tables stay in the report
+    assert sum(len(v) for v in m.values()) == 10
     eb.write(results, tmp_path / "r" / "emotion_bench.json", tmp_path / "r" / "emotion_bench")
     report = json.loads((tmp_path / "r" / "emotion_bench.json").read_text())
     assert set(report["dd"]["head"]["per_label"]) == {"fear", "joy", "neutral", "sadness", "surprise"}
