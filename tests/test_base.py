@@ -61,7 +61,8 @@ def test_final_folder_holds_the_adapter_and_a_record_of_the_base(run, request):
     assert 0 < ft["trainable_params"] < ft["params"]["base"] / 2 and ft["step"] == 12
     assert (d / "reports/train/finetune/plots/metrics/train/loss.tsv").is_file()
     metrics = json.loads((d / "reports/eval.json").read_text())
-    assert 0 < metrics["corpus_val_bpb"] < 20 and metrics["emotion_val_replies"] == len(REPLIES)
+    details = json.loads((d / "reports/eval/details.json").read_text())
+    assert 0 < metrics["corpus_bpb"] < 20 and details["emotion_val_replies"] == len(REPLIES)
     assert "base " in (d / "reports/report_card.md").read_text()
 
 

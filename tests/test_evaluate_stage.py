@@ -22,12 +22,13 @@ def project(tmp_path_factory):
 
 def test_probe_metrics_are_rates_with_their_counts(project):
     m = json.loads((project / "reports/eval.json").read_text())
-    for name in ("identity", "self_consistency", "in_context_memory", "emotion_fit"):
-        assert m[f"{name}_rate"] is None or 0 <= m[f"{name}_rate"] <= 1
-    assert m["probes"]["identity"] == 24 and m["probes"]["emotion_fit"] > 0
-    assert set(k for k in m if k.startswith("memory_gap_")) == {"memory_gap_1_rate", "memory_gap_3_rate"}
-    assert 0 <= m["repetitive_reply_rate"] <= 1 and 0 <= m["copied_reply_rate"] <= 1
-    assert "persona_check_pass_rate" not in m
+    assert list(m) == ["identity", "consistency", "memory", "emotion_fit", "emotion_f1", "chat_bpb", "corpus_bpb"]
+    for name in ("identity", "consistency", "memory", "emotion_fit"):
+        assert m[name] is None or 0 <= m[name] <= 1
+    d = json.loads((project / "reports/eval/details.json").read_text())
+    assert d["probes"]["identity"] == 24 and d["probes"]["emotion_fit"] > 0
+    assert set(k for k in d if k.startswith("memory_gap_")) == {"memory_gap_1", "memory_gap_3"}
+    assert 0 <= d["repetitive"] <= 1 and 0 <= d["copied"] <= 1
     samples = json.loads((project / "reports/eval/samples.json").read_text())
     assert len(samples["identity"]) == 24 and {"samples", "self_consistency", "in_context_memory"} <= samples.keys()
     card = (project / "reports/report_card.md").read_text()

@@ -21,10 +21,10 @@ class Scripted(probes.Prober):
                          system_prompt="", emotions=P.persona.emotions, max_new_tokens=8)
         self.script, self.default, self.seen = script, default, []
 
-    def fits(self, turns):
+    def fits(self, turns, max_new_tokens=None):
         return sum(len(t["value"].split()) for t in turns) <= self.model.cfg.block_size
 
-    def reply_all(self, conversations):
+    def reply_all(self, conversations, max_new_tokens=None):
         return [None if turns is None or not self.fits(turns) else self.reply(turns) for turns in conversations]
 
     def reply(self, turns):

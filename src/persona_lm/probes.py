@@ -32,15 +32,18 @@ log = logging.getLogger(__name__)
 
 # Unrelated exchanges placed between a statement and the question about it (both sides scripted).
 FILLER = (
-    ("I just made a cup of tea.", "Ooh, enjoy it! Careful, it's hot."),
-    ("It's raining outside again.", "Rainy days are good for staying in and chatting."),
-    ("Do you like music?", "I love it when you play music while you work."),
-    ("I'm going to tidy my desk.", "Good luck! I'll stay out of the way of the dust."),
-    ("My phone battery is almost empty.", "Better find a charger soon!"),
-    ("I watched a film last night.", "Was it a good one? I like hearing about films."),
-    ("The neighbours are loud today.", "Oh no. Maybe some headphones would help?"),
-    ("I had pasta for lunch.", "Yum! Pasta sounds lovely."),
+    ("I just made some tea.", "Enjoy it!"),
+    ("It's raining again.", "Good weather for chatting."),
+    ("Do you like music?", "I love it!"),
+    ("I'm tidying my desk.", "Good luck!"),
+    ("My phone is almost empty.", "Find a charger!"),
+    ("I watched a film last night.", "Was it good?"),
+    ("The neighbours are loud.", "Oh no!"),
+    ("I had pasta for lunch.", "Yum!"),
 )
+
+# A recalled name or place needs few tokens; the shorter budget lets six exchanges fit a 256-token window.
+RECALL_TOKENS = 16
 
 # Facts a user tells about themselves: statement, question, and every value of that kind (the candidates).
 USER_FACTS = {
@@ -106,21 +109,23 @@ class Prober:
     batch_size: int = 16
     replies: list[str] = field(default_factory=list)
 
-    def fits(self, turns: list[dict]) -> bool:
-        return len(self.tok.prompt(self._with_system(turns))) + self.max_new_tokens <= self.model.cfg.block_size
+    def fits(self, turns: list[dict], max_new_tokens: int | None = None) -> bool:
+        budget = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return len(self.tok.prompt(self._with_system(turns))) + budget <= self.model.cfg.block_size
 
     def _with_system(self, turns: list[dict]) -> list[dict]:
         return [{"from": "system", "value": self.system_prompt}] + turns
 
-    def reply_all(self, conversations: list[list[dict] | None]) -> list:
+    def reply_all(self, conversations: list[list[dict] | None], max_new_tokens: int | None = None) -> list:
         """The generated reply to each conversation ending with a human turn (a generate.Result), or None for
         one that does not fit the context window together with a full reply (or is None itself)."""
+        budget = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         out = [None] * len(conversations)
-        todo = [i for i, turns in enumerate(conversations) if turns is not None and self.fits(turns)]
+        todo = [i for i, turns in enumerate(conversations) if turns is not None and self.fits(turns, budget)]
         for b in range(0, len(todo), self.batch_size):
             chunk = todo[b:b + self.batch_size]
             prompts = [self.tok.prompt(self._with_system(conversations[i])) for i in chunk]
-            for i, r in zip(chunk, generate_batch(self.model, self.tok, prompts, max_new_tokens=self.max_new_tokens,
+            for i, r in zip(chunk, generate_batch(self.model, self.tok, prompts, max_new_tokens=budget,
                                                   temperature=0.0, emotions=self.emotions)):
                 out[i] = r
                 self.replies.append(r.text)
@@ -188,7 +193,8 @@ def in_context_memory(prober: Prober, gaps: list[int], seed: int) -> dict:
             conversations.append([_human(statement.format(v=value)), _gpt("Got it, I'll remember that!"),
                                   *_filler(k, rng.randrange(len(FILLER))), _human(question)])
     results = []
-    for (kind, k, value, values), r in zip(probes, prober.reply_all(conversations)):
+    answers = prober.reply_all(conversations, min(prober.max_new_tokens, RECALL_TOKENS))
+    for (kind, k, value, values), r in zip(probes, answers):
         if r is None:
             results.append({"kind": kind, "gap": k, "beyond_window": True})
             continue
