@@ -31,8 +31,9 @@ def main(p: Params) -> None:
     write_json(METRICS, metrics)
     write_json(SUMMARY, {"train_rows": metrics["train"]["rows"], "val_rows": metrics["val"]["rows"],
                          "skipped": metrics["skipped"], "finetune_share": metrics["finetune_shares"]})
-    log.info("sharegpt: %d train, %d val rows (%d skipped); per source: %s", len(train), len(val),
-             metrics["skipped"], {s: m["rows_out"] for s, m in metrics["sources"].items()})
+    log.info("sharegpt: %d train, %d val rows (%d skipped); per source: %s; finetune shares: %s", len(train),
+             len(val), metrics["skipped"], {s: m["rows_out"] for s, m in metrics["sources"].items()},
+             {s: v for s, v in metrics["finetune_shares"].items() if v})
 
 
 if __name__ == "__main__":
