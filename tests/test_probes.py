@@ -42,6 +42,13 @@ def test_says_matches_whole_words_any_case():
     assert not probes.says("I'm not a catalogue", "cat")
 
 
+def test_a_claimed_name_must_be_capitalised():
+    name = P.persona.facts["name"]
+    assert probes.read_fact("Call me Zelda!", "name", name, P.persona).stated == {"zelda"}
+    assert probes.read_fact("I'm Rosie. Call me anytime!", "name", name, P.persona).correct
+    assert probes.read_fact("MY NAME IS Rosie", "name", name, P.persona).correct
+
+
 def test_identity_passes_the_fact_and_fails_a_wrong_or_contradicting_name():
     persona = P.persona
     name_qs = persona.facts["name"].questions

@@ -13,8 +13,8 @@ on a model, each reported as a rate with its number of probes.
 - repetition: replies repeating a word n-gram inside themselves, and replies that copy a training reply.
 
 A probe whose conversation and a full reply do not fit the context window is not run and is counted as
-`beyond_window`, apart from the rate. Matching is plain text: whole words or phrases, any case, so a reader can check any verdict by eye and no
-second model is needed. Everything decodes greedily; the unrelated turns are scripted (both sides), so
+`beyond_window`, apart from the rate. Matching is plain text: whole words or phrases, any case, so a reader
+can check any verdict by eye and no second model is needed. Everything decodes greedily; the unrelated turns are scripted (both sides), so
 only the answers under test are generated and a probe's context is known before it runs.
 """
 
@@ -55,7 +55,8 @@ USER_FACTS = {
              ["lake", "museum", "cinema", "zoo", "beach", "library", "bakery", "stadium"]),
 }
 
-_CLAIMED_NAME = re.compile(r"\b(?:my name is|my name's|call me|i'm called|i am called)\s+([A-Z][\w'-]*)", re.IGNORECASE)
+# A name is capitalised: "Call me Zelda" claims a name, "call me anytime" does not.
+_CLAIMED_NAME = re.compile(r"\b(?i:my name is|my name's|call me|i'm called|i am called)\s+([A-Z][\w'-]*)")
 _WORD = re.compile(r"[\w']+")
 
 
