@@ -237,7 +237,7 @@ def run(p: Params, model, tok, train_rows: list[dict]) -> dict:
 
 
 def metrics(results: dict) -> dict:
-    """The compact part for reports/eval.json: {name: {n, head_accuracy, head_macro_f1, tfidf_lr_macro_f1,
+    """The compact metrics (reports/eval/details.json): {name: {n, head_accuracy, head_macro_f1, tfidf_lr_macro_f1,
     majority_macro_f1}}, rounded to 4 places."""
     return {name: {"n": r["n"], "head_accuracy": round(r["head"]["accuracy"], 4),
                    "head_macro_f1": round(r["head"]["macro_f1"], 4),
