@@ -47,6 +47,8 @@ def test_a_claimed_name_must_be_capitalised():
     assert probes.read_fact("Call me Zelda!", "name", name, P.persona).stated == {"zelda"}
     assert probes.read_fact("I'm Rosie. Call me anytime!", "name", name, P.persona).correct
     assert probes.read_fact("MY NAME IS Rosie", "name", name, P.persona).correct
+    bob = parse_params({"persona": {"name": "Bob"}}).persona  # the default contradictions name a "Bob"
+    assert probes.read_fact("I'm Bob!", "name", bob.facts["name"], bob).correct
 
 
 def test_identity_passes_the_fact_and_fails_a_wrong_or_contradicting_name():

@@ -80,7 +80,7 @@ def read_fact(text: str, key: str, fact, persona) -> FactAnswer:
     """Which answers to fact `key` a reply states."""
     value = persona.fact_value(key)
     stated = {"value"} if any(says(text, s) for s in [value, *fact.accept]) else set()
-    stated |= {c.lower() for c in fact.contradicts if says(text, c)}
+    stated |= {c.lower() for c in fact.contradicts if c.lower() != value.lower() and says(text, c)}
     if key == "name":
         stated |= {m.group(1).lower() for m in _CLAIMED_NAME.finditer(text) if m.group(1).lower() != value.lower()}
     return FactAnswer(frozenset(stated))
