@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -130,3 +131,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def headless_chromium(user_data_dir: Path, *flags: str, performance_log: bool = False):
+    """Debian's chromium + chromedriver through selenium (system binaries: nothing is downloaded). Skips when
+    they are missing, unless PERSONA_LM_REQUIRE_BROWSER=1 (as .ci/run sets), where it fails instead."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("PERSONA_LM_REQUIRE_BROWSER") == "1":
+            pytest.fail("chromium and chromedriver are required here (apt-get install chromium chromium-driver)")
+        pytest.skip("chromium + chromedriver not installed (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-default-apps", "--disable-extensions", "--disable-domain-reliability",
+                 "--no-first-run", "--metrics-recording-only", f"--user-data-dir={user_data_dir}", *flags):
+        options.add_argument(flag)
+    if performance_log:
+        options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    return webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))

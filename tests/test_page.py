@@ -5,38 +5,19 @@ appear; the temperature control and "New chat" change what is sent; the page loa
 `.ci/run` installs the browser when missing and sets PERSONA_LM_REQUIRE_BROWSER=1, so in CI a missing
 browser fails instead of skipping."""
 
-import os
-import shutil
-
 import httpx
 import pytest
 
-from conftest import Server, tiny_model_dir
+from conftest import Server, headless_chromium, tiny_model_dir
 
 EMOTIONS = ["joy", "sadness", "anger"]
 LINES = ["Hello there, how are you today?", "I am fine, thank you. 🙂", "Rosie likes tea and long talks.",
          "Tell me something nice.", "Café au lait, s'il vous plaît."]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DRIVER = shutil.which("chromedriver")
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    if not (CHROMIUM and DRIVER):
-        if os.environ.get("PERSONA_LM_REQUIRE_BROWSER") == "1":
-            pytest.fail("chromium and chromedriver are required here (apt-get install chromium chromium-driver)")
-        pytest.skip("chromium + chromedriver not installed (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-default-apps", "--disable-extensions", "--disable-domain-reliability",
-                 "--no-first-run", "--metrics-recording-only", f"--user-data-dir={tmp_path_factory.mktemp('chrome')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=DRIVER))
+    driver = headless_chromium(tmp_path_factory.mktemp("chrome"))
     yield driver
     driver.quit()
 

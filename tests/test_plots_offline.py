@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import headless_chromium
+
 ROOT = Path(__file__).resolve().parents[1]
 DVC = Path(sys.executable).parent / "dvc"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DRIVER = shutil.which("chromedriver")
 EMOTIONS = ["joy", "sadness", "anger"]
 
 # Per plot div: 1 when vega drew coloured marks (lines, heatmap cells) into its svg or canvas. Axes, ticks and
@@ -119,23 +119,8 @@ def plots_page(tmp_path_factory) -> tuple[Path, int]:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    if not (CHROMIUM and DRIVER):
-        if os.environ.get("PERSONA_LM_REQUIRE_BROWSER") == "1":
-            pytest.fail("chromium and chromedriver are required here (apt-get install chromium chromium-driver)")
-        pytest.skip("chromium + chromedriver not installed (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-default-apps", "--disable-extensions", "--disable-domain-reliability",
-                 "--no-first-run", "--metrics-recording-only", "--allow-file-access-from-files",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chrome')}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=DRIVER))
+    driver = headless_chromium(tmp_path_factory.mktemp("chrome"), "--allow-file-access-from-files",
+                               performance_log=True)
     driver.execute_cdp_cmd("Network.enable", {})
     driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
         "offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})

@@ -31,23 +31,15 @@ with a PersonaError naming the file and the count; `drop_overlap: true` drops th
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from persona_lm.data.emotion_datasets import (DAILYDIALOG_TO_PERSONA, _read, clean_dailydialog,
-                                              dailydialog_labels_path, read_goemotions)
+from persona_lm.data.emotion_datasets import dailydialog_labels_path, iter_dailydialog, read_goemotions
+from persona_lm.data.sharegpt import normalise
 from persona_lm.errors import ParamsError, PersonaError, Skips
 from persona_lm.io import atomic_dir, write_json
 from persona_lm.params import EmotionBenchmark, Params
-
-_NON_WORD = re.compile(r"[\W_]+")
-
-
-def normalise(text: str) -> str:
-    """Casefolded text with every run of non-word characters (spaces, punctuation) as one space."""
-    return _NON_WORD.sub(" ", text.casefold()).strip()
 
 
 @dataclass
@@ -98,28 +90,10 @@ def read_benchmark(b: EmotionBenchmark, labels: list[str]) -> Bench:
 
 
 def _read_dailydialog(bench: Bench, path: Path, labels: set[str], skips: Skips, max_rows: int | None) -> None:
-    codes = _read(dailydialog_labels_path(path)).splitlines()
-    dialogues = _read(path).splitlines()
-    if len(dialogues) != len(codes):
-        raise PersonaError(f"{path}: {len(dialogues)} dialogues but {len(codes)} label lines")
     n_dialogues = 0
-    for lineno, (dialogue, code_line) in enumerate(zip(dialogues, codes), 1):
+    for where, utterances, emotions in iter_dailydialog(path, skips):
         if max_rows is not None and n_dialogues >= max_rows:
             break
-        if not dialogue.strip():
-            continue
-        where = f"{path}:{lineno}"
-        utterances = [clean_dailydialog(u) for u in dialogue.split("__eou__")]
-        if not utterances[-1]:
-            utterances.pop()
-        try:
-            emotions = [DAILYDIALOG_TO_PERSONA[int(c)] for c in code_line.split()]
-        except (ValueError, KeyError):
-            skips.add("dailydialog: label line is not emotion codes 0-6", where)
-            continue
-        if len(emotions) != len(utterances) or not all(utterances):
-            skips.add("dailydialog: utterance and label counts differ, or an utterance is empty", where)
-            continue
         n_dialogues += 1
         kept = max(2, len(utterances) - len(utterances) % 2)  # what read_dailydialog trains on
         unit = normalise(" ".join(utterances[:kept]))

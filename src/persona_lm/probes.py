@@ -26,6 +26,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
+from persona_lm.data.sharegpt import normalise
 from persona_lm.generate import generate_batch
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,6 @@ def repeats_ngram(text: str, n: int) -> bool:
     words = [w.lower() for w in _WORD.findall(text)]
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return len(grams) != len(set(grams))
-
-
-def normalise(text: str) -> str:
-    return " ".join(_WORD.findall(text.lower()))
 
 
 @dataclass

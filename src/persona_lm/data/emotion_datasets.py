@@ -168,21 +168,15 @@ def dailydialog_labels_path(path: Path) -> Path:
     raise InputError(path, f"DailyDialog emotion labels not found (expected {name} beside it)")
 
 
-def read_dailydialog(path: str | Path, labels: set[str], skips: Skips, max_rows: int | None = None) -> list[dict]:
-    """DailyDialog `dialogues_*.txt(.gz)` + its line-aligned `dialogues_emotion_*.txt` -> multi-turn rows.
-
-    The first speaker is human, the second gpt. A trailing utterance with no reply is dropped. A reply whose
-    label is not in `labels` stays in the conversation unlabelled, counted as a skipped label.
-    """
-    path = Path(path)
+def iter_dailydialog(path: Path, skips: Skips):
+    """(where, cleaned utterances, canonical emotion per utterance) of each well-formed dialogue of a DailyDialog
+    file and its line-aligned labels file; malformed dialogues are counted skips. Raises InputError when the two
+    files' line counts differ."""
     labels_path = dailydialog_labels_path(path)
     dialogues, codes = _read(path).splitlines(), _read(labels_path).splitlines()
     if len(dialogues) != len(codes):
         raise InputError(path, f"{len(dialogues)} dialogues but {len(codes)} label lines in {labels_path}")
-    rows = []
     for lineno, (dialogue, code_line) in enumerate(zip(dialogues, codes), 1):
-        if max_rows is not None and len(rows) >= max_rows:
-            break
         if not dialogue.strip():
             continue
         where = f"{path}:{lineno}"
@@ -200,6 +194,20 @@ def read_dailydialog(path: str | Path, labels: set[str], skips: Skips, max_rows:
         if not all(utterances):
             skips.add("dailydialog: empty utterance", where)
             continue
+        yield where, utterances, emotions
+
+
+def read_dailydialog(path: str | Path, labels: set[str], skips: Skips, max_rows: int | None = None) -> list[dict]:
+    """DailyDialog `dialogues_*.txt(.gz)` + its line-aligned `dialogues_emotion_*.txt` -> multi-turn rows.
+
+    The first speaker is human, the second gpt. A trailing utterance with no reply is dropped. A reply whose
+    label is not in `labels` stays in the conversation unlabelled, counted as a skipped label.
+    """
+    path = Path(path)
+    rows = []
+    for where, utterances, emotions in iter_dailydialog(path, skips):
+        if max_rows is not None and len(rows) >= max_rows:
+            break
         n = len(utterances) - len(utterances) % 2
         if n < 2:
             skips.add("dailydialog: fewer than two utterances", where)

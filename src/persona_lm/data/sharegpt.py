@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -30,6 +31,15 @@ ROLE_ALIASES = {
     "gpt": "gpt", "assistant": "gpt", "chatgpt": "gpt", "bing": "gpt", "bard": "gpt", "model": "gpt",
     "system": "system",
 }
+
+
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def normalise(text: str) -> str:
+    """Casefolded text with every run of non-word characters (spaces, punctuation) as one space: how texts are
+    compared with the training data (a reply copied from it, a benchmark row overlapping it)."""
+    return _NON_WORD.sub(" ", text.casefold()).strip()
 
 
 def conversation_key(conversations: list[dict]) -> str:

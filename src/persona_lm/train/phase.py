@@ -16,6 +16,7 @@ import polars as pl
 import torch
 
 import persona_lm
+from persona_lm.data.build import mix_shares
 from persona_lm.errors import PersonaError
 from persona_lm.io import read_jsonl, write_json
 from persona_lm import lora
@@ -114,8 +115,6 @@ def share_weights(p: Params, rows: list[dict], examples: list[tuple]) -> torch.T
     """Sampling weight (N,) of each finetune example, so that each source gets its `sharegpt.shares` fraction
     of the tokens: a source's share / its total tokens, spread evenly over its rows. None when that is
     uniform (the shares match the sizes), so such a run samples exactly as a run without shares."""
-    from persona_lm.data.build import mix_shares
-
     tokens: dict[str, float] = {}
     for row, ex in zip(rows, examples):
         tokens[row["source"]] = tokens.get(row["source"], 0) + min(len(ex[0]), p.model.block_size + 1)
