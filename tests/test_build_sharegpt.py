@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -14,8 +15,8 @@ import yaml
 
 from persona_lm.data.build import build, read_extra, write_split
 from persona_lm.data.emotion_datasets import (
-    DAILYDIALOG_TO_PERSONA, GOEMOTIONS_LABELS, GOEMOTIONS_TO_PERSONA, PROMPTS, clean_dailydialog,
-    read_dailydialog, read_goemotions,
+    DAILYDIALOG_TO_PERSONA, GOEMOTIONS_LABELS, GOEMOTIONS_TO_PERSONA, MASK_NAMES, PROMPTS, clean_dailydialog,
+    fill_name_masks, read_dailydialog, read_goemotions,
 )
 from persona_lm.data.sharegpt import check_row, conversation_key, make_row
 from persona_lm.errors import InputError, ParamsError, PersonaError, Skips
@@ -227,12 +228,12 @@ def test_mapping_tables_cover_every_source_label_and_land_in_the_default_set():
 def test_goemotions_takes_the_first_mappable_label(tmp_path):
     tsv = tmp_path / "g.tsv"
     tsv.write_text("So what happens next?\t7,27\tid1\nWow, I did not see that coming\t26,17\tid2\n"
-                   "Just wondering why\t7\tid3\n[NAME] is great\t0\tid4\nbroken line\n\t27\tid6\n")
+                   "Just wondering why\t7\tid3\nI'm a [RELIGION] too\t0\tid4\nbroken line\n\t27\tid6\n")
     skips = Skips("x")
     rows = read_goemotions(tsv, LABELS - {"curiosity"}, skips)
     assert [r["emotions"] for r in rows] == [["neutral"], ["surprise"]]
     assert skips.as_dict() == {
-        "goemotions: anonymisation mask like [NAME] in text": 1,
+        "goemotions: [RELIGION] anonymisation mask in text": 1,
         "goemotions: empty text": 1,
         "goemotions: label maps to 'curiosity', not in persona.emotions": 1,
         "goemotions: malformed line (expected text, label ids, comment id)": 1,
@@ -249,7 +250,24 @@ def test_goemotions_real_file(shared_data):
     assert labels.most_common(2)[0][0] in {"neutral", "joy"} and labels["neutral"] > 0.2 * len(rows)
     assert all(check_row(r, LABELS) == [] and len(r["conversations"]) == 2 for r in rows)
     assert Counter(r["conversations"][0]["value"] for r in rows).keys() == set(PROMPTS)
-    assert set(skips.as_dict()) == {"goemotions: anonymisation mask like [NAME] in text"}
+    assert set(skips.as_dict()) == {"goemotions: [RELIGION] anonymisation mask in text"}
+    masked = [line.split("\t")[0] for line in (shared_data / "emotion/goemotions/dev.tsv").read_text().splitlines()
+              if "[NAME]" in line and "[RELIGION]" not in line]
+    replies = {r["conversations"][1]["value"] for r in rows}
+    assert len(masked) > 0.1 * len(rows) and not any("[NAME]" in t for t in replies)
+    assert sum(fill_name_masks(" ".join(t.split())) in replies for t in masked) == len(masked)
+
+
+def test_goemotions_name_masks_become_names_deterministically(tmp_path):
+    tsv = tmp_path / "g.tsv"
+    tsv.write_text("[NAME] is great\t0\tid1\nTell [NAME] and [NAME] I said hi\t0\tid2\n")
+    rows = read_goemotions(tsv, LABELS, Skips("x"))
+    first, second = (r["conversations"][1]["value"] for r in rows)
+    assert first.endswith(" is great") and first.split()[0] in MASK_NAMES
+    names = re.fullmatch(r"Tell (\w+) and (\w+) I said hi", second).groups()
+    assert set(names) <= set(MASK_NAMES)
+    assert [r["conversations"] for r in read_goemotions(tsv, LABELS, Skips("x"))] == [r["conversations"] for r in rows]
+    assert len({fill_name_masks(f"[NAME] number {i}").split()[0] for i in range(200)}) > len(MASK_NAMES) // 2
 
 
 def test_dailydialog_real_files(shared_data):

@@ -70,7 +70,7 @@ def test_dailydialog_labels_outside_the_set_are_counted_skips(tmp_path):
 
 def test_goemotions_items_are_replies_to_the_training_prompts(tmp_path):
     path = goemotions(tmp_path, [("I love this so much", "love"), ("Why would you do that?", "curiosity"),
-                                 ("[NAME] is great", "joy")])
+                                 ("a [RELIGION] thing", "joy")])
     bench = eb.read_benchmark(EmotionBenchmark(kind="goemotions", path=str(path)), EMOTIONS)
     assert bench.name == "goemotions_dev"
     assert bench.labels == ["love", "curiosity"]

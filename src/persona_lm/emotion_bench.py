@@ -5,8 +5,8 @@ A benchmark (`eval.emotion_benchmarks`) is a GoEmotions .tsv (Demszky et al. 202
 Every labelled utterance is one item:
 
 - GoEmotions: each comment, as the reply to the same short prompt the training rows use (read_goemotions:
-  a multi-label comment takes its first label in `persona.emotions`; comments with [NAME]-style masks are
-  skipped there and counted here).
+  a multi-label comment takes its first label in `persona.emotions`; `[NAME]` masks are filled
+  with names there, and comments with a `[RELIGION]` mask are skipped there and counted here).
 - DailyDialog: each utterance of both speakers, in its dialogue context. Utterance i is rendered as the
   assistant's (gpt) reply after utterances 0..i-1, whose roles alternate backwards from it: i-1 is human,
   i-2 gpt, and so on. So the same context is seen from whichever side speaks, and utterance 0 is a reply with

@@ -10,13 +10,18 @@ a GoEmotions comment is left out, a DailyDialog reply stays in its dialogue unla
 DailyDialog dialogues become multi-turn conversations: speakers alternate human/gpt, and each gpt turn takes
 its utterance's label. GoEmotions comments are single replies to a short neutral prompt, so the emotion is
 carried by the reply alone; the prompt is picked from a few variants by a hash of the comment, which keeps
-it deterministic and lets identical comments dedup. Comments with anonymisation masks ([NAME]) are skipped.
+it deterministic and lets identical comments dedup. The dataset masks personal names as `[NAME]` (14% of the
+training split) and religions as `[RELIGION]` (GoEmotions paper, section 3.1). A persona must not learn to say
+"[NAME]", but dropping those comments would lose a seventh of the data, so each `[NAME]` becomes a given name
+from `MASK_NAMES`, drawn by a hash of the comment and the mask's position (deterministic, and two masks in one
+comment may be two people). `[RELIGION]` has no neutral stand-in, so those few comments are counted skips.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import re
 from pathlib import Path
 
@@ -60,8 +65,16 @@ PROMPTS = (
     "Anything you want to share?",
 )
 
-# Reddit comments with anonymisation masks would teach the persona to say "[NAME]".
-_MASK = re.compile(r"\[[A-Z]+\]")
+# Stand-ins for GoEmotions' [NAME] mask: common given names from many languages, short and unambiguous as
+# names, so a filled comment reads like the original did.
+MASK_NAMES = (
+    "Alex", "Maria", "James", "Aisha", "Chen", "Sofia", "Liam", "Priya", "Noah", "Emma", "Omar", "Hana",
+    "Lucas", "Zoe", "Mateo", "Leila", "Daniel", "Yuki", "Ethan", "Grace", "Ivan", "Nadia", "Samuel", "Chloe",
+    "Kofi", "Elena", "Ryan", "Mia", "Diego", "Sara", "Jonas", "Amara", "Felix", "Anna", "Ravi", "Julia",
+    "Tom", "Lina", "Marco", "Ava",
+)
+_NAME_MASK = re.compile(r"\[NAME\]")
+_RELIGION_MASK = "[RELIGION]"
 
 # DailyDialog is tokenised ("Let ' s go , now .", "right.But", "Ma ’ am"); these undo it, in order.
 # Apostrophes become ' (unless the utterance uses curly ‘quotes’). A quote that is left standing alone
@@ -113,14 +126,28 @@ def _read(path: Path) -> str:
         raise InputError(path, "not valid UTF-8", line=data[: e.start].count(b"\n") + 1) from None
 
 
+def _pick(key: str, choices: tuple[str, ...]) -> str:
+    return choices[int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16) % len(choices)]
+
+
 def _prompt(text: str) -> str:
-    return PROMPTS[int(hashlib.sha1(text.encode("utf-8")).hexdigest(), 16) % len(PROMPTS)]
+    return _pick(text, PROMPTS)
+
+
+def fill_name_masks(text: str) -> str:
+    """`text` with each `[NAME]` replaced by a name from MASK_NAMES.
+
+    The i-th mask's name is picked by SHA-1 of the comment and i, so the same comment always reads the same.
+    """
+    position = itertools.count()
+    return _NAME_MASK.sub(lambda _: _pick(f"{text}\0{next(position)}", MASK_NAMES), text)
 
 
 def read_goemotions(path: str | Path, labels: set[str], skips: Skips, max_rows: int | None = None) -> list[dict]:
     """A GoEmotions .tsv (`text<TAB>label ids<TAB>comment id`) -> one single-turn row per comment.
 
-    A multi-label comment takes its first label whose canonical name is in `labels`.
+    A multi-label comment takes its first label whose canonical name is in `labels`. `[NAME]` masks are filled
+    (see the module docstring).
     """
     path = Path(path)
     names_file = path.parent / "emotions.txt"
@@ -149,9 +176,10 @@ def read_goemotions(path: str | Path, labels: set[str], skips: Skips, max_rows: 
         if not text:
             skips.add("goemotions: empty text", where)
             continue
-        if _MASK.search(text):
-            skips.add("goemotions: anonymisation mask like [NAME] in text", where)
+        if _RELIGION_MASK in text:
+            skips.add("goemotions: [RELIGION] anonymisation mask in text", where)
             continue
+        text = fill_name_masks(text)
         rows.append(make_row(SOURCE, [("human", _prompt(text)), ("gpt", text)], [label],
                              dataset="goemotions", origin=where))
     return rows
