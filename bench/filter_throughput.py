@@ -3,7 +3,8 @@
     .venv/bin/python bench/filter_throughput.py [--data ../shared/data/corpus] [--repeat 3] [--details 5]
 
 Documents: TinyStories split on <|endoftext|>, and Tiny Shakespeare cut at blank lines into chunks of a few
-KB. Both implementations see the same normalised texts and use the default (= published) thresholds. Ours
+KB. Both implementations see the same normalised texts and use the default (= published) thresholds, and
+ours counts Gopher words as datatrove does (`gopher_quality.words: datatrove`, not our default). Ours
 runs each family on the whole column; datatrove's GopherQuality, GopherRepetition, C4Quality and
 FineWebQuality filters are called in process on one Document at a time. Per family each side tokenises for
 itself; for "all four" datatrove runs the four filters per document as its pipeline would (sharing its
@@ -23,7 +24,7 @@ import numpy as np
 import polars as pl
 
 from persona_lm.data import dedup, filters
-from persona_lm.params import Filter
+from persona_lm.params import Filter, GopherQuality
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
 
     df = load_docs(args.data)
-    cfg = Filter()
+    cfg = Filter(gopher_quality=GopherQuality(words="datatrove"))  # datatrove's definition of a word
     texts = filters.normalize(df["text"])
     n, mb = len(texts), texts.str.len_bytes().sum() / 1e6
     print(f"{n} docs ({(df['source'] == 'tinystories').sum()} tinystories, "

@@ -128,7 +128,8 @@ def test_each_family_drops_a_document_that_breaks_its_rule(rule):
 
 @pytest.mark.parametrize("changes, rule", [
     ({"gopher_quality": {"min_doc_words": 200}}, "gopher_quality.min_doc_words"),
-    ({"gopher_quality": {"max_non_alpha_words_ratio": 0.95}}, "gopher_quality.max_non_alpha_words_ratio"),
+    ({"gopher_quality": {"max_non_alpha_words_ratio": 0.95, "words": "datatrove"}},
+     "gopher_quality.max_non_alpha_words_ratio"),
     ({"gopher_repetition": {"top_n_grams": {2: 0.005}}}, "gopher_repetition.top_2_gram"),
     ({"c4": {"min_num_sentences": 50}}, "c4.min_num_sentences"),
     ({"fineweb": {"short_line_length": 200}}, "fineweb.short_line_ratio"),
@@ -148,6 +149,32 @@ def test_thresholds_come_from_params(changes, rule):
 ])
 def test_relaxed_or_disabled_rules_keep_the_document(rule, changes):
     assert failing([CRAFTED[rule]], with_filter(**changes)) == [[]]
+
+
+# A TinyStories-style story: short quoted sentences, so punctuation marks are a quarter of datatrove's tokens.
+DIALOGUE_STORY = """Tom saw a big red ball. "Look, Mom!" he said. "Can I play?"
+Mom smiled. "Yes, but be careful." Tom ran to the ball. He kicked it high!
+The ball went up, up, up. "Wow!" said Tom. Then it fell in the pond. Splash!
+Tom was sad. "Oh no, my ball!" A duck swam to the ball and pushed it back.
+"Thank you, duck!" said Tom. The duck said, "Quack!" Tom laughed. They played all day."""
+
+
+def test_non_alpha_words_follow_the_paper_by_default():
+    """Rae et al. 2021: >= 80% of whitespace-separated words contain a letter. datatrove's tokens count every
+    quote and full stop as a word, which drops clean dialogue prose; that reading stays an option."""
+    assert failing([DIALOGUE_STORY]) == [[]]
+    assert failing([DIALOGUE_STORY], with_filter(gopher_quality={"words": "datatrove"})) == [
+        ["gopher_quality.max_non_alpha_words_ratio"]]
+    table = CLEAN[0] + "\n" + "\n".join(" ".join(str(i * j) for j in range(1, 9)) + " 42" for i in range(1, 13))
+    for words in ("whitespace", "datatrove"):
+        assert "gopher_quality.max_non_alpha_words_ratio" in failing([table], with_filter(gopher_quality={"words": words}))[0]
+
+
+def test_whitespace_words_count_stop_words_inside_punctuation():
+    doc = " ".join(["(The) cat, jumped; over rocks."] * 12 + ["Rain, then the wind, and"])
+    assert "gopher_quality.min_stop_words" not in failing([doc])[0]
+    no_stop = doc.replace("The", "A").replace("the", "a").replace("and", "or")
+    assert "gopher_quality.min_stop_words" in failing([no_stop])[0]
 
 
 def test_c4_removes_lines_and_keeps_the_document():

@@ -158,6 +158,9 @@ class GopherQuality(Section):
     max_ellipsis_lines_ratio: float = Field(0.3, ge=0, le=1)
     max_non_alpha_words_ratio: float = Field(0.8, ge=0, le=1)
     min_stop_words: int = Field(2, ge=0)
+    words: Literal["whitespace", "datatrove"] = Field(
+        "whitespace", description="what the rules count as words: whitespace-separated (the paper) or "
+                                  "datatrove's spaCy-style tokens, where punctuation marks are tokens too")
 
 
 class GopherRepetition(Section):
