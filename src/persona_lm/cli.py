@@ -19,17 +19,21 @@ def _transcript(args: argparse.Namespace) -> int:
 
 
 def _sharegpt_check(args: argparse.Namespace) -> int:
-    from persona_lm.data.sharegpt import check_file
+    from persona_lm.data.sharegpt import read_sharegpt
+    from persona_lm.errors import InputError
 
     bad = 0
     for path in args.files:
-        report = check_file(path)
-        for line in report:
-            print(line)
-        if report:
+        try:
+            got = read_sharegpt(path)
+        except InputError as e:
+            print(e)
             bad += 1
-        else:
-            print(f"{path}: ok")
+            continue
+        for line in got.report():
+            print(line)
+        bad += bool(got.refused)
+        print(f"{path}: {got.summary()}")
     return 1 if bad else 0
 
 
@@ -80,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_transcript)
 
-    p = sub.add_parser("sharegpt-check", help="validate ShareGPT .json/.jsonl files (exit 1 when invalid)")
+    p = sub.add_parser("sharegpt-check", help="read ShareGPT files as build_sharegpt does: each row it would skip "
+                       "(file:line: why) and the fixes it makes; exit 1 when a row or a file is refused")
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_sharegpt_check)
 

@@ -36,8 +36,8 @@ from collections import Counter
 from pathlib import Path
 
 from persona_lm.data.emotion_datasets import read_dataset
-from persona_lm.data.sharegpt import check_row, conversation_key, import_conversation, iter_file, make_row
-from persona_lm.errors import InputError, ParamsError, PersonaError, Skips
+from persona_lm.data.sharegpt import check_row, conversation_key, make_row, read_sharegpt
+from persona_lm.errors import ParamsError, PersonaError, Skips
 from persona_lm.io import read_jsonl, write_jsonl
 from persona_lm.params import Params
 
@@ -75,34 +75,19 @@ def read_dialogues(path: Path, source: str, labels: set[str], skips: Skips) -> l
 
 
 def read_extra(path: str | Path, labels: set[str], skips: Skips, notes: Counter) -> list[dict]:
-    """Conversations of one external ShareGPT file (.jsonl, JSON array or single object) as our rows.
-
-    Broken JSON lines and unusable conversations are counted skips; a file with no conversation at all
-    (empty, or not one line of valid JSON) is an InputError, since that is a failed download, not data.
-    Valid `emotions` carried by the file (our own output re-imported) are kept.
+    """Conversations of one external ShareGPT file as our rows, read by `read_sharegpt` as sharegpt-check
+    reads them: refused rows are counted skips citing file:line, the fixes are added to `notes`, and a file
+    of which nothing is usable is an InputError naming its layout. Row ids are kept as `original_id`.
     """
-    rows, seen = [], 0
-    for where, obj in iter_file(path):
-        if isinstance(obj, InputError):
-            skips.add(f"extra: {obj.reason}", f"{path}:{where}")
-            continue
-        seen += 1
-        try:
-            turns = import_conversation(obj, notes)
-        except ValueError as e:
-            skips.add(f"extra: {e}", f"{path}:{where}")
-            continue
-        n_gpt = sum(m["from"] == "gpt" for m in turns)
-        emotions = obj.get("emotions")
-        if not (isinstance(emotions, list) and len(emotions) == n_gpt
-                and all(e is None or e in labels for e in emotions)):
-            emotions = None
-        meta = {"origin": f"{path}:{where}"}
-        if isinstance(obj.get("id"), (str, int)):
-            meta["original_id"] = str(obj["id"])
-        rows.append(make_row("extra", [(m["from"], m["value"]) for m in turns], emotions, **meta))
-    if not seen:
-        raise InputError(path, "no ShareGPT conversations (empty file, or no line of valid JSON)")
+    got = read_sharegpt(path, labels)
+    for line, reason in got.refused:
+        skips.add(f"extra: {reason}", f"{path}:{line}")
+    notes.update(got.notes)
+    log.info("%s: %s", path, got.summary())
+    rows = []
+    for c in got.conversations:
+        meta = {"origin": f"{path}:{c.line}"} | ({"original_id": c.original_id} if c.original_id is not None else {})
+        rows.append(make_row("extra", [(m["from"], m["value"]) for m in c.turns], c.emotions, **meta))
     return rows
 
 
