@@ -32,6 +32,15 @@ def shared_data() -> Path:
     return SHARED
 
 
+@pytest.fixture(scope="session")
+def shared_cases() -> Path:
+    """The real-world input cases in ../shared/cases (see its README.md); tests skip when it is absent."""
+    cases = Path(__file__).resolve().parents[2] / "shared" / "cases"
+    if not cases.is_dir():
+        pytest.skip(f"real-world input cases not found at {cases}")
+    return cases
+
+
 def tiny_model_dir(tmp: Path, lines: list[str], emotions: list[str], block_size: int = 64) -> Path:
     """An untrained one-layer model folder (tokenizer trained on `lines`) for the chat, server and page tests."""
     import torch
