@@ -18,7 +18,7 @@ from persona_lm.data.emotion_datasets import (
     DAILYDIALOG_TO_PERSONA, GOEMOTIONS_LABELS, GOEMOTIONS_TO_PERSONA, MASK_NAMES, PROMPTS, clean_dailydialog,
     fill_name_masks, read_dailydialog, read_goemotions,
 )
-from persona_lm.data.sharegpt import check_row, conversation_key, make_row
+from persona_lm.data.sharegpt import check_file, check_row, conversation_key, iter_file, make_row
 from persona_lm.errors import InputError, ParamsError, PersonaError, Skips
 from persona_lm.params import Persona, parse_params
 
@@ -215,6 +215,83 @@ def test_overlong_turns_are_skipped(tmp_path):
     write_rows(tmp_path / "templates.jsonl", [qa(1), long, qa(2)])
     train, val, m = build(params(sharegpt={"max_value_chars": 100}), tmp_path)
     assert len(train + val) == 2 and m["skips"] == {"templates: a turn is longer than sharegpt.max_value_chars": 1}
+
+
+
+
+def turn(role: str, value: str) -> dict:
+    return {"from": role, "value": value}
+
+
+def wild_files(d: Path) -> list[Path]:
+    """ShareGPT files as downloaded: good, partly bad, of other layouts, and of which nothing is usable."""
+    d.mkdir(parents=True, exist_ok=True)
+    files = {
+        "mixed.jsonl": "".join(x + "\n" for x in [
+            json.dumps({"conversations": [turn("human", "a?"), turn("gpt", "a.")]}),
+            '{"conversations": [',
+            json.dumps({"messages": [{"role": "User", "content": "b?"}, {"role": "user", "content": "b!"},
+                                     {"role": "assistant", "content": "b."}]}),
+            json.dumps({"conversations": [turn("human", "c?"), turn("robot", "c.")]}),
+            json.dumps({"conversation": [turn("gpt", "hi"), turn("human", "d?"), turn("gpt", "d.")]}),
+            json.dumps({"text": "e"}),
+        ]),
+        "array.json": json.dumps([{"id": i, "conversations": [turn("human", f"f{i}?"), turn("gpt", "f." * (i != 1))]}
+                                  for i in range(3)], indent=2),
+        "lists.jsonl": json.dumps([turn("human", "g?"), turn("gpt", "g.")]) + "\n\n" + json.dumps([turn("gpt", "h")]),
+        "bots.json": json.dumps([[turn("human", "i?"), turn("bot", "i.")]] * 2, indent=2),
+        "empty.json": "",
+    }
+    for name, text in files.items():
+        (d / name).write_text(text)
+    return [d / name for name in files]
+
+
+def assert_check_agrees_with_the_build(f: Path) -> None:
+    """sharegpt-check refuses exactly the rows read_extra skips, for the same reasons, and fails the same files."""
+    report = check_file(f, LABELS)
+    skips = Skips("conversation")
+    try:
+        rows = read_extra(f, LABELS, skips, Counter())
+    except InputError as e:
+        assert report == [str(e)] and skips.total == 0
+        return
+    kept = {int(r["origin"].rsplit(":", 1)[1]) for r in rows}
+    refused = {int(line.removeprefix(f"{f}:").split(":")[0]) for line in report}
+    assert not kept & refused
+    assert kept | refused == {line for line, _ in iter_file(f)}
+    assert skips.as_dict() == dict(Counter("extra: " + line.split(": ", 1)[1] for line in report))
+
+
+def test_extra_files_and_sharegpt_check_agree_row_by_row(tmp_path):
+    files = wild_files(tmp_path)
+    for f in files:
+        assert_check_agrees_with_the_build(f)
+    assert [len(check_file(f)) for f in files] == [3, 1, 1, 1, 1]
+
+
+def test_sharegpt_cases_and_sharegpt_check_agree_row_by_row(shared_cases):
+    for f in sorted((shared_cases / "exports").glob("*sharegpt*")):
+        assert_check_agrees_with_the_build(f)
+        assert len(read_extra(f, LABELS, Skips("x"), Counter())) == 2
+
+
+def test_fixes_of_extra_files_are_counted_in_the_build_report(tmp_path):
+    f = tmp_path / "texts.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"messages": [{"role": "system", "content": "Be kind."}, {"role": "assistant", "content": "Hi!"},
+                      {"role": "user", "content": "hey"}, {"role": "user", "content": "you up?"},
+                      {"role": "assistant", "content": "yes"}]},
+        [turn("human", "lunch?"), turn("gpt", "sure"), turn("gpt", "where?")],
+    ]))
+    train, val, m = build(params(sharegpt={"extra": [str(f)]}), tmp_path / "none")
+    assert sorted([(t["from"], t["value"]) for t in r["conversations"]] for r in train + val) == [
+        [("human", "lunch?"), ("gpt", "sure\nwhere?")],
+        [("system", "Be kind."), ("human", "hey\nyou up?"), ("gpt", "yes")],
+    ]
+    assert m["import_notes"] == {"consecutive gpt turns joined": 1, "consecutive human turns joined": 1,
+                                 "leading gpt turn dropped": 1, "role assistant -> gpt": 2, "role user -> human": 2}
+    assert m["skipped"] == 0
 
 
 # ------------------------------------------------------------------------------------------ emotion data
