@@ -382,7 +382,8 @@ def _nothing_usable(layout: str, items: list[tuple[int, Any]], refused: list[tup
     for line, reason in refused:
         first.setdefault(reason, line)
     counts = Counter(reason for _, reason in refused)
-    why = "; ".join(f"{r} ({n} rows, first at line {first[r]})" for r, n in counts.most_common(3))
+    why = "; ".join(f"{r} ({n} rows, first at line {first[r]})" if n > 1 else f"{r} (line {first[r]})"
+                    for r, n in counts.most_common(3))
     more = f"; and {len(counts) - 3} other reasons" if len(counts) > 3 else ""
     return f"{layout}{seen}: no conversation could be read: {why}{more}"
 
