@@ -1,12 +1,15 @@
-"""Caption files (YouTube auto-captions, manual VTT, SRT) -> clean timed transcripts -> ShareGPT conversations.
+r"""Caption files (YouTube auto-captions, manual VTT, SRT) -> clean timed transcripts -> ShareGPT conversations.
 
-Reading. webvtt-py parses the cue blocks; real files need a little help around it. A file without the
-leading `WEBVTT` line gets one. A live-stream capture made of HLS segments glued together (mid-file `WEBVTT`
-and `X-TIMESTAMP-MAP` headers) is parsed segment by segment, each placed on the stream clock (MPEG-TS ticks at
-90 kHz), and wherever the clock still jumps back the rest is laid end to end after what came before, so
-times always run forward. Hours past 24 are ordinary hours. Overlapping cues (SRT) are told one after the
-other. A cue timing webvtt-py would silently skip (a typo, a truncated file) and a cue that starts before
-the one above it are errors naming the line.
+Reading. Text is UTF-8 (with or without a BOM) or UTF-16/UTF-32 with a BOM; lines end in `\n`, `\r\n`, `\r`
+or `\r\r\n`. webvtt-py parses the cues after we settle the block structure real files get wrong: cue
+identifiers (numbered or not) with or without blank lines between cues, blank lines under the timing or
+inside the text, NOTE/STYLE/REGION blocks, a `-->` inside the text, a comma before the milliseconds, and
+SRT read the same way. A file without the leading `WEBVTT` line gets one. A live-stream capture made of HLS
+segments glued together (mid-file `WEBVTT` and `X-TIMESTAMP-MAP` headers) is parsed segment by segment, each
+placed on the stream clock (MPEG-TS ticks at 90 kHz), and wherever the clock still jumps back the rest is
+laid end to end after what came before, so times always run forward. Hours past 24 are ordinary hours.
+Overlapping cues (SRT) are told one after the other. A malformed cue timing (a typo, a truncated file) and
+a cue that starts before the one above it are errors naming the line.
 
 Rolling captions. YouTube's ASR captions scroll: each cue repeats the line(s) above its new one, and a 10 ms
 "freeze" cue repeats the finished line. A cue's new text is what is left after its leading lines that equal
@@ -16,10 +19,12 @@ cue only, never against everything seen so far, so a speaker who says the same w
 counts as rolling only when more cues push the previous cue's last line up (or extend it) than drop it;
 manual captions, where a cue that repeats the last one is someone saying it again, are taken as written.
 
-Cleaning. Tags (`<00:00:01.234>`, `<c>`, nested `<c.colorE5E5E5>`) are stripped, entities decoded, and
-annotations in brackets or parentheses (`[Music]`, `[ __ ]`, `(upbeat music)`) and music notes dropped.
-A change of speaker (`>>`, or a leading `- ` in manual captions) stays in the cue text as a `>>` token.
-Inline word timings are kept per word when they fall inside their cue.
+Cleaning. Markup goes: WebVTT spans (`<c>`, nested `<c.colorE5E5E5>`, `<i>`, `<b>`, `<u>`, `<lang>`, `<ruby>`
+with its `<rt>`/`<rp>` readings), `<font>`, SSA/ASS override blocks (`{\an8}`); entities are decoded, and
+annotations in brackets or parentheses (`[Music]`, `[ __ ]`, `(upbeat music)`) and music notes dropped
+(counted). A change of speaker stays in the cue text as a `>>` token: `>>` itself, a dialogue dash, and a
+change of named speaker, by `<v Name>` span or `NAME:` label; the name itself is dropped. Inline word
+timings are kept per word when they fall inside their cue.
 
 Utterances. A new utterance starts after sentence-final punctuation, at a change of speaker and after a
 pause of at least `pause_s`: the gap between two cues or, since auto-caption cues touch, between the start
@@ -37,9 +42,11 @@ prompt of the next one. Every utterance is used at most once.
 
 from __future__ import annotations
 
+import codecs
 import html
 import re
 from bisect import bisect_right
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -50,24 +57,40 @@ from webvtt.errors import MalformedCaptionError, MalformedFileError
 
 from persona_lm.data.sharegpt import make_row
 from persona_lm.errors import InputError
-from persona_lm.io import read_json, read_text
+from persona_lm.io import read_json
 from persona_lm.params import Segment
 
 SUFFIXES = (".vtt", ".srt")
-LINE_BREAK = re.compile(r"\r\n|\r|\n")
+LINE_BREAK = re.compile(r"\r*\n|\r")  # `\r\r\n`: a `\r\n` file saved again by a tool that puts `\r` before `\n`
+# UTF-32-LE's BOM begins like UTF-16-LE's, so it is tried first
+BOMS = ((codecs.BOM_UTF32_LE, "UTF-32-LE"), (codecs.BOM_UTF32_BE, "UTF-32-BE"), (codecs.BOM_UTF8, "UTF-8"),
+        (codecs.BOM_UTF16_LE, "UTF-16-LE"), (codecs.BOM_UTF16_BE, "UTF-16-BE"))
 TIMING = re.compile(
     r"\s*((?:\d+:)?[0-5]?\d:[0-5]?\d[.,]\d{1,3})\s*-->\s*((?:\d+:)?[0-5]?\d:[0-5]?\d[.,]\d{1,3})(?=\s|$)"
 )
+TIMING_START = re.compile(r"\s*\d+:\d")  # a line with `-->` that starts like a timestamp is meant as a timing
 TIMING_TYPO = re.compile(r"\s*(?:\d+:)?\d{1,2}:\d{2}[.,]\d+\s*[-–—=]+>?")  # `00:01.000 -> ...`
+BLOCK_KEYWORD = re.compile(r"(?:NOTE|STYLE|REGION)(?:[ \t]|$)")  # WebVTT blocks that hold no cue text
 TAG = re.compile(r"<[^>]*>")
 STYLE_TAG = re.compile(r"<(?!\d)[^>]*>")  # every tag but an inline timestamp
 TIMESTAMP_TAG = re.compile(r"<((?:\d+:)?\d{1,2}:\d{2}\.\d{1,3})>")
+VOICE_TAG = re.compile(r"<v(?:\.[^\s>]*)?(?:[ \t]+([^>]*))?>")  # <v Ana>, <v.loud Ana Pereira>
+RUBY_TEXT = re.compile(r"<(rt|rp)\b[^>]*>.*?(?:</\1\s*>|(?=</ruby\s*>)|$)")  # the reading, not the text
+SSA_OVERRIDE = re.compile(r"\{\\[^{}]*\}")  # {\an8}, {\i1}, {\c&H00FFFF&} in SRT from SSA/ASS tools
 WORD = re.compile(r"\S+")
+LABEL_WORD = re.compile(r"[^\W\d_][\w.'’-]*|#?\d+")
 MPEGTS_HZ = 90_000
 SENTENCE_END = re.compile(r"[.!?…]['\"”’)\]]*$")
 ABBREVIATIONS = {"mr.", "mrs.", "ms.", "dr.", "st.", "vs.", "etc.", "e.g.", "i.e.", "jr.", "sr.", "prof."}
 NOTES = str.maketrans("", "", "♪♫♬")
+DASHES = "-‐‑–"  # hyphen-minus, U+2010 hyphen, U+2011 non-breaking hyphen, en dash: a dialogue dash in subtitles
+# Words that open a sentence with a colon ("Note: the shop closes at five") and are no one's name.
+NOT_SPEAKERS = frozenset("""note notes nb ps p.s. warning caution tip tips hint update edit example step chapter part
+    question answer reminder important summary source sources translation translator subtitles subtitle captions
+    caption transcript disclaimer spoiler ingredients look listen well so now yes no okay ok today also first second
+    third finally bonus fact rule lesson result time date location title""".split())
 SPEAKER = ">>"
+VOICE = "\x02"  # prefixes a speaker's name while cues are read (not whitespace to str.split, unlike \x1c-\x1f)
 
 
 class NoCaptions(InputError):
@@ -110,20 +133,66 @@ def _seconds(stamp: str) -> float:
     return sum(float(p) * 60 ** i for i, p in enumerate(reversed(parts)))
 
 
-def _scan_timings(path, lines: list[str], header_at: set[int]) -> list[str]:
-    """Check every line with `-->` (or a near miss) is a cue timing and cues never go back within a segment.
+def _utf16_without_bom(head: bytes) -> str | None:
+    """"UTF-16-LE"/"UTF-16-BE" when the NUL bytes sit where UTF-16 puts the high byte of ASCII text."""
+    even, odd = head[0::2], head[1::2]
+    if odd.count(0) > 0.3 * len(odd) and even.count(0) < 0.02 * len(even):
+        return "UTF-16-LE"
+    if even.count(0) > 0.3 * len(even) and odd.count(0) < 0.02 * len(odd):
+        return "UTF-16-BE"
+    return None
 
-    webvtt-py silently drops a block it cannot read, which would hide a truncated or hand-edited file.
-    Returns the lines with cue settings (`align:start position:0%`) removed: we never use them, and
-    parsing them is a good part of webvtt-py's time on a large file.
+
+def decode(path: Path) -> str:
+    """The text of a caption file: UTF-8 with or without a BOM, or UTF-16/UTF-32 with a BOM (Windows tools
+    save "Unicode" SRT as UTF-16-LE with a BOM).
+
+    Raises NoCaptions for binary data, InputError for anything else that is not such text: the message
+    names the encoding problem and, for invalid UTF-8, the line.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except IsADirectoryError:
+        raise InputError(path, "is a folder, expected a file") from None
+    for bom, codec in BOMS:
+        if data.startswith(bom):
+            try:
+                return data[len(bom):].decode(codec)
+            except UnicodeDecodeError as e:
+                raise InputError(path, f"starts with a {codec} byte-order mark but is not valid {codec} "
+                                       f"(at byte {e.start + len(bom)})") from None
+    if b"\x00" in data[:8192]:
+        codec = _utf16_without_bom(data[:8192])
+        if codec:
+            raise InputError(path, f"looks like {codec} without a byte-order mark: re-save it as UTF-8 "
+                                   f"(or as {codec} with a BOM)")
+        raise NoCaptions(path, "binary data (NUL bytes), not a caption file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError(path, f"not valid UTF-8 (byte 0x{data[e.start]:02x}): the file is in another encoding, "
+                               "such as Windows-1252 or Latin-1; re-save it as UTF-8", line=line) from None
+
+
+def _scan_timings(path, lines: list[str], header_at: set[int]) -> tuple[list[str], list[int]]:
+    """Find the cue timing lines, check each is well formed and cues never go back within a segment.
+
+    A line that starts like a timestamp and holds `-->` (or a near miss) must be a timing: webvtt-py would
+    silently drop a block it cannot read, which would hide a truncated or hand-edited file. Any other `-->`
+    is cue text. Returns the lines with each timing rewritten as `start --> end` with a decimal point
+    (cue settings dropped: we never use them, and parsing them is a good part of webvtt-py's time on a
+    large file), and the indices of the timing lines.
     """
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    out = list(lines)
+    out, timings = list(lines), []
     prev = None
     for i, line in enumerate(lines):
         if i in header_at:
             prev = None
-        if "-->" not in line and not TIMING_TYPO.match(line):
+        if not (TIMING_START.match(line) if "-->" in line else TIMING_TYPO.match(line)):
             continue
         m = TIMING.match(line)
         if not m:
@@ -134,7 +203,97 @@ def _scan_timings(path, lines: list[str], header_at: set[int]) -> list[str]:
             raise InputError(path, f"cues out of order: this cue starts at {m.group(1)}, before the one above",
                              line=i + 1)
         prev = start
-        out[i] = f"{m.group(1)} --> {m.group(2)}"
+        out[i] = f"{m.group(1)} --> {m.group(2)}".replace(",", ".")
+        timings.append(i)
+    return out, timings
+
+
+def _blank(line: str) -> bool:
+    return not line.strip()
+
+
+def _cue_starts(lines: list[str], timings: list[int], lo: int) -> list[int]:
+    """Where each cue begins: its timing line, or the identifier line above it.
+
+    The line above a timing is an identifier when a blank line (or the segment's header) comes before it,
+    the usual layout. Without that blank line it may be the last text line of the cue above instead; it is
+    an identifier when it is a number (SRT numbering) or when the file's other cues carry identifiers,
+    and text otherwise. A number alone between blank lines right above a timing is that cue's number.
+    """
+    is_timing = set(timings)
+
+    def candidate(t: int) -> bool:
+        return t - 1 >= lo and not _blank(lines[t - 1]) and t - 1 not in is_timing
+
+    def after_blank(i: int) -> bool:
+        return i - 1 < lo or _blank(lines[i - 1])
+
+    def lone_number(t: int) -> int:  # `1`, blank line, timing: a cue number set apart (webvtt-py's SRT reader agrees)
+        j = t - 1
+        while j >= lo and _blank(lines[j]):
+            j -= 1
+        return j if j < t - 1 and j >= lo and lines[j].strip().isdigit() and after_blank(j) else t
+
+    with_id = sum(candidate(t) and after_blank(t - 1) for t in timings)
+    uses_ids = with_id > sum(not candidate(t) for t in timings)
+    return [(t - 1 if after_blank(t - 1) or lines[t - 1].strip().isdigit() or (uses_ids and t - 2 not in is_timing)
+             else t) if candidate(t) else lone_number(t) for t in timings]
+
+
+def _payload(lines: list[str], vtt: bool) -> list[str]:
+    """A cue's text lines, from below its timing up to the next cue.
+
+    Blank lines do not end the text (a blank line under the timing, or inside the text, is common in files
+    made by hand); a NOTE/STYLE/REGION block after a blank line does (WebVTT only). Empty lines are left
+    out and `-->` is escaped, so webvtt-py reads the cue as one block; lines of spaces stay, as they hold
+    a rolling caption's screen position.
+    """
+    out, block_start, skip = [], False, False
+    for line in lines:
+        if _blank(line):
+            block_start, skip = True, False
+            if line:
+                out.append(line)
+            continue
+        skip = skip or (block_start and vtt and bool(BLOCK_KEYWORD.match(line)))
+        block_start = False
+        if not skip:
+            out.append(line.replace("-->", "--&gt;"))
+    return out
+
+
+def _outside(lines: list[str], vtt: bool) -> int:
+    """Text lines between the header and the first cue (not NOTE/STYLE/REGION blocks): no cue to put them in."""
+    n, skip, block_start = 0, False, True
+    for line in lines:
+        if _blank(line):
+            skip, block_start = False, True
+            continue
+        skip = skip or (block_start and vtt and bool(BLOCK_KEYWORD.match(line)))
+        block_start = False
+        n += not skip
+    return n
+
+
+def _canonical(lines: list[str], timings: list[int], vtt: bool, dropped: Counter) -> list[str]:
+    """One segment as canonical WebVTT: its header, then each cue as `timing`, text lines, blank line.
+
+    webvtt-py follows the WebVTT parsing rules, which files met in practice break: measured with 0.6.0, a cue
+    number with no blank line before it stays in the text of the cue above, a blank line between timing and
+    text loses the text, and a `-->` in the text splits the cue. Deciding the cue structure here and handing
+    over only canonical blocks keeps webvtt-py as the parser of the rest (timestamps, payload, header).
+    """
+    lo = 1 if lines and lines[0].startswith("WEBVTT") else 0
+    if lo:  # the header runs to the first blank line; a timing directly under it still starts a cue
+        lo = next((i for i in range(1, len(lines)) if _blank(lines[i]) or i in set(timings[:1])), len(lines))
+    starts = _cue_starts(lines, timings, lo)
+    first = starts[0] if starts else len(lines)
+    out = (lines[:lo] if lo else ["WEBVTT"]) + [""]
+    if n := _outside(lines[lo:first], vtt):
+        dropped["text outside any cue (lines)"] += n
+    for k, t in enumerate(timings):
+        end = starts[k + 1] if k + 1 < len(starts) else len(lines)
+        out += [lines[t], *_payload(lines[t + 1:end], vtt), ""]
     return out
 
 
@@ -150,49 +309,33 @@ def _segment_clock(metadata: list[str]) -> float | None:
     return None
 
 
-def _read_vtt(path, lines: list[str], header_at: list[int]) -> list[_Raw]:
+def _read_cues(path, lines: list[str], timings: list[int], header_at: list[int], vtt: bool,
+               dropped: Counter) -> list[_Raw]:
     starts = ([0] if 0 not in header_at else []) + header_at
     raws: list[_Raw] = []
     shift, zero = 0.0, None  # zero: the stream clock of the first segment that has one
     for a, b in zip(starts, starts[1:] + [len(lines)]):
-        piece = lines[a:b]
-        if not piece[0].startswith("WEBVTT"):
-            piece = ["WEBVTT", ""] + piece
+        own = [t - a for t in timings if a <= t < b]
         try:
-            vtt = webvtt.from_buffer(piece)
+            vtt_file = webvtt.from_buffer(_canonical(lines[a:b], own, vtt, dropped))
         except (MalformedFileError, MalformedCaptionError) as e:
-            raise InputError(path, f"unreadable WebVTT: {e}", line=a + 1) from None
-        if not vtt.captions:
+            raise InputError(path, f"unreadable captions: {e}", line=a + 1) from None
+        if len(vtt_file.captions) != len(own):  # webvtt-py skips a cue it cannot read; we never do silently
+            raise InputError(path, f"webvtt-py read {len(vtt_file.captions)} of the {len(own)} cues",
+                             line=a + 1)
+        if not vtt_file.captions:
             continue
-        clock = _segment_clock(vtt.metadata)
+        clock = _segment_clock(vtt_file.metadata)
         if clock is not None and zero is None:
             zero = clock
         offset = 0.0 if clock is None else clock - zero
-        first = vtt.captions[0].start_time.in_milliseconds() / 1000 + offset + shift
+        first = vtt_file.captions[0].start_time.in_milliseconds() / 1000 + offset + shift
         if raws and first < raws[-1].start:
             shift += raws[-1].end - first
-        for c in vtt.captions:
+        for c in vtt_file.captions:
             s = c.start_time.in_milliseconds() / 1000 + offset + shift
             e = c.end_time.in_milliseconds() / 1000 + offset + shift
             raws.append(_Raw(s, max(s, e), c.lines, offset + shift))
-    return raws
-
-
-def _read_srt(path, lines: list[str]) -> list[_Raw]:
-    numbered: list[str] = []
-    for line in lines:
-        if "-->" in line and not (numbered and numbered[-1].strip().isdigit()):
-            numbered.append("0")  # cue numbers are optional in practice; webvtt-py needs them
-        if line.strip() or numbered:
-            numbered.append(line)
-    try:
-        captions = webvtt.from_buffer(numbered, format="srt").captions
-    except (MalformedFileError, MalformedCaptionError) as e:
-        raise InputError(path, f"unreadable SRT: {e}") from None
-    raws = []
-    for c in captions:
-        s, e = c.start_time.in_milliseconds() / 1000, c.end_time.in_milliseconds() / 1000
-        raws.append(_Raw(s, max(s, e), c.lines, 0.0))
     return raws
 
 
@@ -206,29 +349,27 @@ def _is_srt(path: Path, lines: list[str]) -> bool:
     return bool(m and "," in m.group(1))
 
 
-def read_transcript(path: str | Path) -> list[Cue]:
+def read_transcript(path: str | Path, dropped: Counter | None = None) -> list[Cue]:
     """The clean transcript of a VTT or SRT file: one Cue per source cue that says something new.
 
-    Raises NoCaptions for a file with nothing to read, and InputError (with the line) for a broken one.
+    Text left out on purpose is counted by reason into `dropped` when given (annotations such as `[Music]`,
+    lines outside any cue). Raises NoCaptions for a file with nothing to read, and InputError (with the line
+    where there is one) for a broken one or one in an encoding other than UTF-8/UTF-16/UTF-32.
     """
     path = Path(path)
-    try:
-        text = read_text(path)
-    except InputError as e:
-        if e.reason.startswith("binary"):
-            raise NoCaptions(path, e.reason) from None
-        raise
+    dropped = Counter() if dropped is None else dropped
+    text = decode(path).removeprefix("\ufeff")
     if not text.strip():
         raise NoCaptions(path, "empty file")
     lines = LINE_BREAK.split(text)
-    srt = _is_srt(path, lines)
-    header_at = [] if srt else [i for i, line in enumerate(lines)
-                                if line.startswith("WEBVTT") and (i == 0 or not lines[i - 1].strip())]
-    lines = _scan_timings(path, lines, set(header_at))
-    raws = _read_srt(path, lines) if srt else _read_vtt(path, lines, header_at)
+    vtt = not _is_srt(path, lines)
+    header_at = [i for i, line in enumerate(lines)
+                 if vtt and line.startswith("WEBVTT") and (i == 0 or not lines[i - 1].strip())]
+    lines, timings = _scan_timings(path, lines, set(header_at))
+    raws = _read_cues(path, lines, timings, header_at, vtt, dropped)
     if not raws:
         raise NoCaptions(path, "no cues")
-    cues = _merge(raws)
+    cues = _merge(raws, dropped)
     if not cues:
         raise NoCaptions(path, "no speech (only empty cues or annotations)")
     return cues
@@ -249,6 +390,22 @@ def _tag_seconds(stamp: str) -> float:
     return int(h[0] if h else 0) * 3600 + int(m) * 60 + float(s)
 
 
+def _voice_mark(m: re.Match) -> str:
+    name = "_".join((m.group(1) or "").casefold().split())
+    return f" {VOICE}{name} " if name else " "
+
+
+def _markup(raw: str) -> str:
+    """Drop SSA override blocks and ruby readings; a `<v Name>` span becomes a voice mark (its own word)."""
+    if VOICE in raw:
+        raw = raw.replace(VOICE, "")
+    if "{" in raw:
+        raw = SSA_OVERRIDE.sub("", raw)
+    if "<" in raw:
+        raw = VOICE_TAG.sub(_voice_mark, RUBY_TEXT.sub("", raw))
+    return raw
+
+
 def _clean(text: str) -> str:
     """Strip any tag left, decode entities, set `>>` apart as a word of its own."""
     if "<" in text:
@@ -260,19 +417,58 @@ def _clean(text: str) -> str:
     return text
 
 
-def _speaker_dash(words: tuple[str, ...]) -> tuple[str, ...]:
-    return (SPEAKER,) + words[1:] if words and words[0] in ("-", "–") else words
+def _label(words: list[str], s: int) -> int:
+    """How many words from `s` form a speaker label (`ANA:`, `DR. SMITH:`, `MAN 2:`, `Ana Pereira:`), or 0.
+
+    Up to four capitalised words (numbers after the first) ending in a colon. Only a line's first words are
+    asked (the caller's rule), and not a sentence opener such as "Note:" (NOT_SPEAKERS).
+    """
+    for k in range(s, min(s + 4, len(words))):
+        core = words[k].removesuffix(":")
+        if not LABEL_WORD.fullmatch(core) or not (core[0].isupper() or (k > s and core[-1].isdigit())):
+            return 0
+        if words[k].endswith(":"):
+            return 0 if words[s].removesuffix(":").casefold() in NOT_SPEAKERS else k - s + 1
+    return 0
+
+
+def _speaker_marks(words: list[str], times: list) -> tuple[list[str], list]:
+    """A line's dialogue dashes become `>>` and a speaker label at its start a voice mark.
+
+    A dash is a dialogue dash at the start of the line or after a sentence end (`-Hi! -Hello!`), with or
+    without a space after it, unless a digit or another dash follows (`-5 degrees`, `--and then`); a hyphen
+    inside a word or a number range is never one. A label counts only at the start of the line (after a
+    `>>` or dash): "Note: ..." or "... said JOHN: ..." in the middle of a line is text.
+    """
+    out_w, out_t = [], []
+    for i, (w, t) in enumerate(zip(words, times)):
+        if w[0] in DASHES and (len(w) == 1 or not (w[1] in DASHES or w[1].isdigit())) \
+                and (i == 0 or SENTENCE_END.search(words[i - 1])):
+            out_w.append(SPEAKER)
+            out_t.append(t)
+            w = w[1:]
+            if not w:
+                continue
+        out_w.append(w)
+        out_t.append(t)
+    s = int(out_w[:1] == [SPEAKER])
+    if n := _label(out_w, s):
+        out_w[s:s + n] = [VOICE + "_".join(w.removesuffix(":") for w in out_w[s:s + n]).casefold()]
+        out_t[s:s + n] = out_t[s:s + 1]
+    return out_w, out_t
 
 
 @lru_cache(maxsize=8192)
 def _untimed(raw: str) -> _Line:
-    words = _speaker_dash(tuple(_clean(raw).split()))
-    return _Line(words, (None,) * len(words))
+    words = _clean(raw).split()
+    words, times = _speaker_marks(words, [None] * len(words))
+    return _Line(tuple(words), tuple(times))
 
 
 def _line(raw: str, cue: _Raw) -> _Line:
     """A payload line. Style tags go first (they never separate words); text before the first inline
     timestamp starts with the cue."""
+    raw = _markup(raw)
     parts = TIMESTAMP_TAG.split(STYLE_TAG.sub("", raw)) if "<" in raw else [raw]
     if len(parts) == 1:
         return _untimed(parts[0])
@@ -289,7 +485,8 @@ def _line(raw: str, cue: _Raw) -> _Line:
     for m in WORD.finditer(full):
         words.append(m.group())
         times.append(stamps[bisect_right(offsets, m.start()) - 1])
-    return _Line(_speaker_dash(tuple(words)), tuple(times))
+    words, times = _speaker_marks(words, times)
+    return _Line(tuple(words), tuple(times))
 
 
 def _lines(cue: _Raw) -> list[_Line]:
@@ -300,7 +497,7 @@ def _lines(cue: _Raw) -> list[_Line]:
     return lines
 
 
-def _drop_annotations(words: list[str], times: list) -> tuple[list[str], list]:
+def _drop_annotations(words: list[str], times: list, dropped: Counter) -> tuple[list[str], list]:
     """Drop `[...]` / `(...)` spans of at most 8 words and music notes; an unclosed bracket stays text."""
     if not any(w[0] in "[(♪♫♬" or w[-1] in "♪♫♬" for w in words):
         return words, times
@@ -312,6 +509,7 @@ def _drop_annotations(words: list[str], times: list) -> tuple[list[str], list]:
             end = next((j for j in range(i, min(i + 8, len(words)))
                         if words[j].rstrip(".,!?;:").endswith(close)), None)
             if end is not None:
+                dropped["annotations ([Music], (laughs))"] += 1
                 i = end + 1
                 continue
         w = w.translate(NOTES)
@@ -320,6 +518,26 @@ def _drop_annotations(words: list[str], times: list) -> tuple[list[str], list]:
             out_t.append(times[i])
         i += 1
     return out_w, out_t
+
+
+def _voices(words: list[str], times: list, voice: str | None) -> tuple[list[str], list, str | None]:
+    """Voice marks become `>>` where the speaker changes: not for the file's first voice, nor for the same
+    voice again. `voice` is the current speaker: None before any is known, "" after an unnamed change."""
+    if not any(w[0] == VOICE or w == SPEAKER for w in words):
+        return words, times, voice
+    out_w, out_t = [], []
+    for w, t in zip(words, times):
+        if w[0] == VOICE:
+            if voice is not None and w[1:] != voice and out_w[-1:] != [SPEAKER]:
+                out_w.append(SPEAKER)
+                out_t.append(t)
+            voice = w[1:]
+            continue
+        if w == SPEAKER:
+            voice = ""
+        out_w.append(w)
+        out_t.append(t)
+    return out_w, out_t, voice
 
 
 # -------------------------------------------------------------------------------------------- rolling merge
@@ -368,18 +586,21 @@ def _new_part(prev: list[_Line], cur: list[_Line]) -> tuple[list[_Line], str | N
     return cur, None
 
 
-def _merge(raws: list[_Raw]) -> list[Cue]:
+def _merge(raws: list[_Raw], dropped: Counter) -> list[Cue]:
     lines = [_lines(r) for r in raws]
     rolling = _is_rolling(lines)
     cues: list[Cue] = []
     speaker = False  # a `>>` whose words are still to come
+    voice = None
     for i, (raw, cur) in enumerate(zip(raws, lines)):
         new, completed = _new_part(lines[i - 1], cur) if rolling and i else (cur, None)
         if completed and cues:
             head, _, last = cues[-1].text.rpartition(" ")
             if completed.startswith(last):
                 cues[-1] = Cue(cues[-1].start, cues[-1].end, f"{head} {completed}".lstrip(), cues[-1].word_times)
-        words, times = _drop_annotations([w for x in new for w in x.words], [t for x in new for t in x.times])
+        words, times = _drop_annotations([w for x in new for w in x.words], [t for x in new for t in x.times],
+                                         dropped)
+        words, times, voice = _voices(words, times, voice)
         if speaker and words[:1] != [SPEAKER]:
             words, times = [SPEAKER] + words, [None] + times
         speaker = bool(words) and all(w == SPEAKER for w in words)
