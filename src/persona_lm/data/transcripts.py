@@ -435,15 +435,15 @@ def _label(words: list[str], s: int) -> int:
 def _speaker_marks(words: list[str], times: list) -> tuple[list[str], list]:
     """A line's dialogue dashes become `>>` and a speaker label at its start a voice mark.
 
-    A dash is a dialogue dash at the start of the line or after a sentence end (`-Hi! -Hello!`), with or
-    without a space after it, unless a digit or another dash follows (`-5 degrees`, `--and then`); a hyphen
-    inside a word or a number range is never one. A label counts only at the start of the line (after a
-    `>>` or dash): "Note: ..." or "... said JOHN: ..." in the middle of a line is text.
+    A dash is a dialogue dash at the start of the line (or after an annotation there) or after a sentence end
+    (`-Hi! -Hello!`), with or without a space after it, unless a digit or another dash follows (`-5 degrees`,
+    `--and then`); a hyphen inside a word or a number range is never one. A label counts only at the start of
+    the line (after a `>>` or dash): "Note: ..." or "... said JOHN: ..." in the middle of a line is text.
     """
     out_w, out_t = [], []
     for i, (w, t) in enumerate(zip(words, times)):
-        if w[0] in DASHES and (len(w) == 1 or not (w[1] in DASHES or w[1].isdigit())) \
-                and (i == 0 or SENTENCE_END.search(words[i - 1])):
+        if w[0] in DASHES and (len(w) == 1 or not (w[1] in DASHES or w[1].isdigit())) and (
+                i == 0 or SENTENCE_END.search(words[i - 1]) or (words[0][0] in "[(" and words[i - 1][-1] in "])")):
             out_w.append(SPEAKER)
             out_t.append(t)
             w = w[1:]
