@@ -4,14 +4,17 @@ Reads data/raw/youtube (fetch_transcripts writes `<id>.<lang>.vtt` beside `<id>.
 in `youtube.local_dirs` (*.vtt and *.srt, recursively). Writes data/interim/transcripts.parquet, one row per
 utterance (video_id, source_file, start, end, text), and data/interim/dialogues/transcripts.jsonl.
 
-A file with nothing to read (empty, binary, no cues, only annotations) is skipped and counted. A broken one
-(not UTF-8, a malformed or truncated cue timing, cues out of order) stops the stage with `file:line`, because
-the fix is to re-save or re-fetch that file and a silent skip would lose a whole video.
+A file with nothing to read (empty, binary, no cues, only annotations) is skipped; a broken one (not UTF-8 or
+UTF-16/32 with a BOM, a malformed or truncated cue timing, cues out of order) stops the stage with
+`file:line`, because the fix is to re-save or re-fetch that file and a silent skip would lose a whole video.
+The `files` section of reports/validation/transcripts.json counts the files read and skipped, names each
+skipped file with its reason, and counts the text left out on purpose (annotations, lines outside any cue).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import polars as pl
@@ -20,7 +23,7 @@ from persona_lm import stage
 from persona_lm.data.transcripts import NoCaptions, caption_files, read_transcript, segment, to_sharegpt, video_meta
 from persona_lm.data.validation import validate_dialogues, validate_transcripts
 from persona_lm.errors import InputError, ParamsError, Skips
-from persona_lm.io import write_jsonl, write_parquet
+from persona_lm.io import write_json, write_jsonl, write_parquet
 from persona_lm.params import Params
 
 log = logging.getLogger("persona_lm.process_transcripts")
@@ -38,13 +41,14 @@ def main(p: Params) -> None:
     for folder in p.youtube.local_dirs:
         if not Path(folder).exists():
             raise ParamsError(f"params.yaml: youtube.local_dirs: {folder}: folder not found")
-    skips = Skips("caption file")
+    skips, skipped, dropped = Skips("caption file"), {}, Counter()
     table, rows, seen, duplicates, read = [], [], set(), 0, 0
     for path in caption_files([RAW, *p.youtube.local_dirs]):
         try:
-            cues = read_transcript(path)
+            cues = read_transcript(path, dropped)
         except NoCaptions as e:
             skips.add(e.reason, str(path))
+            skipped[str(path)] = e.reason
             continue
         read += 1
         try:
@@ -62,12 +66,15 @@ def main(p: Params) -> None:
                 rows.append(row)
 
     df = pl.DataFrame(table, schema=SCHEMA)
-    validate_transcripts(df, VALIDATION)
+    files = {"read": read, "skipped": skips.total, "skip_reasons": skips.as_dict(), "skipped_files": skipped,
+             "dropped_text": dict(sorted(dropped.items()))}
+    write_json(VALIDATION, {**validate_transcripts(df, VALIDATION), "files": files})
     validate_dialogues(rows, labels=set(p.persona.emotions), name="transcripts", report_path=VALIDATION_DIALOGUES)
     write_parquet(TABLE, df)
     write_jsonl(DIALOGUES, rows)
-    log.info("transcripts: %d files read, %d utterances, %d conversations (%d duplicates dropped); skipped: %s",
-             read, df.height, len(rows), duplicates, skips.as_dict() or "none")
+    log.info("transcripts: %d files read, %d utterances, %d conversations (%d duplicates dropped); skipped: %s; "
+             "text left out: %s", read, df.height, len(rows), duplicates, skips.as_dict() or "none",
+             dict(dropped) or "none")
 
 
 if __name__ == "__main__":
