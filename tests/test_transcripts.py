@@ -402,6 +402,10 @@ def test_stage_writes_valid_table_and_rows(tmp_path, monkeypatch, caplog):
     local = tmp_path / "mine"
     shutil.copytree(SAMPLE, local / "sample")
     write(local, "empty.srt", "")
+    write(local, "noise.vtt", bytes(range(256)) * 4)
+    chat = "".join(f"{i}\r\n00:00:0{2 * i},000 --> 00:00:0{2 * i + 1},000\r\n[laughs] -Line {i} here.\r\n\r\n"
+                   for i in (1, 2, 3))
+    write(local, "chat.srt", "\ufeff".encode("utf-16-le") + chat.encode("utf-16-le"))
     raw = tmp_path / "data" / "raw" / "youtube"
     raw.mkdir(parents=True)
     write(raw, "vid00000001.en.vtt", auto_captions(["hi there friends", "welcome back to my channel",
@@ -411,10 +415,16 @@ def test_stage_writes_valid_table_and_rows(tmp_path, monkeypatch, caplog):
     p = parse_params({"youtube": {"local_dirs": ["mine"]}})
     process_transcripts.main(p)
     assert "skipped caption file mine/empty.srt: empty file" in caplog.text
+    files = json.loads(Path("reports/validation/transcripts.json").read_text())["files"]
+    skipped = files["skipped_files"]
+    assert skipped["mine/empty.srt"] == "empty file" and "binary" in skipped["mine/noise.vtt"]
+    assert len(skipped) == files["skipped"] == sum(files["skip_reasons"].values()) == 2 and files["read"] == 5
+    assert sum(n for reason, n in files["dropped_text"].items() if "annotation" in reason) >= 3
 
     df = pl.read_parquet("data/interim/transcripts.parquet")
     assert df.columns == ["video_id", "source_file", "start", "end", "text"]
-    assert set(df["video_id"]) == {"vid00000001", "sunday_soup", "morning_walk", "tidy_desktop"}
+    assert set(df["video_id"]) == {"vid00000001", "sunday_soup", "morning_walk", "tidy_desktop", "chat"}
+    assert df.filter(pl.col("video_id") == "chat")["text"].to_list() == [f"Line {i} here." for i in (1, 2, 3)]
     assert all(df.group_by("video_id").len()["len"] >= 3)
     for _, g in df.group_by("source_file"):
         assert (g["start"].diff().drop_nulls() >= 0).all() and (g["end"] >= g["start"]).all()
