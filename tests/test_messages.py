@@ -1,4 +1,5 @@
-"""Chat-export parsers, conversation building and the import_messages stage (PII rules: test_pii.py)."""
+"""Chat-export parsers, what they drop (and count), conversation building and the import_messages stage.
+PII rules themselves are in test_pii.py."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from persona_lm.data.messages import (
-    Message, conversations, date_order, detect_format, fix_mojibake, import_messages, parse_instagram,
-    parse_telegram, parse_whatsapp, read_export, telegram_text,
+    ExportLog, Message, conversations, date_order, detect_format, fix_mojibake, import_messages, parse_instagram,
+    parse_telegram, parse_whatsapp, read_export, telegram_text, whatsapp_text,
 )
 from persona_lm.data.sharegpt import check_row
-from persona_lm.errors import InputError, Skips
-from persona_lm.params import Export, Messages, Params
+from persona_lm.errors import InputError, ParamsError, Skips
+from persona_lm.params import Export, Messages, Params, parse_params
 
 SAMPLE = "data/sample/messages/whatsapp_chat.txt"
 
@@ -38,6 +39,14 @@ def parsed(chats: dict[str, list[Message]]) -> list[tuple[str, str, str]]:
     return sorted((m.timestamp.isoformat(), m.author, " ".join(m.text.split())) for ms in chats.values() for m in ms)
 
 
+def texts(msgs: list[Message]) -> list[tuple[str, str]]:
+    return [(m.author, m.text) for m in msgs]
+
+
+def turns(rows: list[dict]) -> list[list[tuple[str, str]]]:
+    return [[(t["from"], t["value"]) for t in r["conversations"]] for r in rows]
+
+
 # ------------------------------------------------------------------------------------------ real fixtures
 
 @pytest.mark.parametrize("name", ["ddmmyy_24hrs", "mmddyy_24hrs", "mmddyyyy_12hrs", "yyyymmdd_24hrs",
@@ -45,11 +54,11 @@ def parsed(chats: dict[str, list[Message]]) -> list[tuple[str, str, str]]:
 def test_whatsapp_fixtures_match_expected_parse(shared_data, name):
     d = chat_miner(shared_data)
     path = d / f"whatsapp__test_{name}.txt"
-    stats = Counter()
+    log = ExportLog()
     assert detect_format(str(path), path.read_text(encoding="utf-8")) == "whatsapp"
-    assert parsed(read_export(path, stats=stats)) == expected(d, "whatsapp")
+    assert parsed(read_export(path, log=log)) == expected(d, "whatsapp")
     # "created group", "You were added" and the authorless "John Doe:." line
-    assert stats["system lines"] == 3
+    assert log.dropped["system lines"] == 3
 
 
 @pytest.mark.parametrize("kind, file", [("telegram", "telegram__test_single_export.json"),
@@ -66,6 +75,61 @@ def test_other_fixtures_match_expected_parse(shared_data, kind, file):
 def test_signal_fixture_keeps_the_line_break(shared_data):
     chats = read_export(chat_miner(shared_data) / "signal__test_export.txt")
     assert [m.text for m in chats["signal__test_export.txt"]] == ["Hello John!", "Hello\nJane!"]
+
+
+# ------------------------------------------------------------- real-world cases (../shared/cases/exports)
+
+def run_case(shared_cases: Path, name: str, me: str) -> tuple[list[list[tuple[str, str]]], dict]:
+    """The case through the importer as its README says: gap 240 minutes, PII scrubbing on."""
+    path = shared_cases / "exports" / name
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    result = import_messages(Messages(exports=[Export(path=str(path), me=me)], gap_minutes=240, scrub_pii=True))
+    return turns(result.rows), result.report()
+
+
+def gpt_replies(convs: list[list[tuple[str, str]]]) -> list[str]:
+    return [text for conv in convs for role, text in conv if role == "gpt"]
+
+
+def test_case_ios_notices_with_the_group_as_author(shared_cases):
+    convs, report = run_case(shared_cases, "01-whatsapp-ios-system-as-author.txt", "Theo")
+    # Six notices dropped and counted whatever name stands before them; the talk starts with Nora's question.
+    assert report["dropped"]["system lines"] == 6
+    assert convs[0][0] == ("human", "Who is up for the ridge trail on Sunday?")
+    assert gpt_replies(convs) == ["Count me in, as long as we start after nine", "Great, I will pack snacks for everyone"]
+
+
+def test_case_german_android_media_and_deletions(shared_cases):
+    convs, report = run_case(shared_cases, "02-whatsapp-de-android-media.txt", "Jonas")
+    assert gpt_replies(convs) == ["Hier sind sie, die Sonne war super", "Danke, nächstes Mal kommst du mit"]
+    text = json.dumps(convs, ensure_ascii=False)
+    for placeholder in ("Medien ausgeschlossen", "Datei angehängt", "gelöscht", ".jpg", ".opus"):
+        assert placeholder not in text
+    assert report["dropped"]["media placeholders"] == 3 and report["dropped"]["deleted messages"] == 2
+
+
+def test_case_spanish_ios_attachments(shared_cases):
+    convs, report = run_case(shared_cases, "04-whatsapp-es-ios-adjunto.txt", "Lucía")
+    assert gpt_replies(convs) == ["¿Te gusta el color?", "Genial, la pinto el sábado entonces"]
+    assert report["dropped"]["media placeholders"] == 3
+    assert "phone" not in report["pii_replaced"]  # a file name is never a phone number
+
+
+def test_case_telegram_forwarded_is_not_my_voice(shared_cases):
+    convs, report = run_case(shared_cases, "06-telegram-forwarded.json", "Karl")
+    assert gpt_replies(convs) == ["this one, ugh", "We could carpool on Tuesdays"]
+    assert "bridge will close" not in json.dumps(convs)
+    assert report["dropped"]["forwarded messages"] == 1 and report["dropped"]["stickers"] == 1
+
+
+def test_case_spanish_national_phone_numbers(shared_cases):
+    convs, report = run_case(shared_cases, "13-whatsapp-es-phone-pii.txt", "Paco")
+    text = json.dumps(convs, ensure_ascii=False)
+    for secret in ("612 34 56 78", "91 123 45 67", "699 11 22 33", "ines.vidal@example.es"):
+        assert secret not in text
+    assert text.count("<phone>") == 3 and text.count("<email>") == 1
+    assert report["pii_replaced"] == {"email": 1, "phone": 3}
 
 
 # ---------------------------------------------------------------------------------------------- WhatsApp
@@ -109,10 +173,99 @@ def test_whatsapp_multiline_system_media_deleted_and_edited():
         "05/01/2024, 09:04 - Bob: This message was deleted\n"
         "05/01/2024, 09:05 - Bob: fixed it <This message was edited>\n"
     )
-    stats = Counter()
-    msgs = parse_whatsapp(text, stats=stats)
-    assert [(m.author, m.text) for m in msgs] == [("Ann", "list:\n- eggs\n\n- milk: two"), ("Bob", "fixed it")]
-    assert stats == Counter({"system lines": 2, "media or deleted": 2})
+    log = ExportLog()
+    msgs = parse_whatsapp(text, log=log)
+    assert texts(msgs) == [("Ann", "list:\n- eggs\n\n- milk: two"), ("Bob", "fixed it")]
+    assert log.dropped == Counter({"system lines": 2, "media placeholders": 1, "deleted messages": 1})
+    assert log.changed == Counter({"edit markers removed": 1}) and log.language == "en"
+
+
+@pytest.mark.parametrize("lang, lines", [
+    ("de", ["[03.02.24, 10:00:00] Wandergruppe: \u200eNachrichten und Anrufe sind Ende-zu-Ende-verschlüsselt.",
+            "[03.02.24, 10:00:01] Nora: \u200eNora hat die Gruppe „Wandergruppe“ erstellt.",
+            "[03.02.24, 10:00:02] Wandergruppe: \u200eNora hat dich hinzugefügt.",
+            "[03.02.24, 10:00:03] Wandergruppe: \u200eDu bist jetzt ein Admin",
+            "[03.02.24, 10:01:00] Nora: Hallo zusammen"]),
+    ("es", ["03/02/24, 10:00 - Los mensajes y las llamadas están cifrados de extremo a extremo. Toca para más info.",
+            "03/02/24, 10:00 - Nora creó el grupo «Senderismo: 2024»",
+            "03/02/24, 10:00 - Nora te añadió.",
+            "03/02/24, 10:00 - Nora cambió el asunto de “Senderismo” a “Senderismo: otoño”",
+            "03/02/24, 10:01 - Nora: Hola a todos"]),
+    ("fr", ["[03/02/2024 10:00:00] Randonnée : \u200eLes messages et les appels sont chiffrés de bout en bout.",
+            "[03/02/2024 10:00:01] Nora: \u200eNora a créé le groupe « Randonnée »",
+            "[03/02/2024 10:00:02] Randonnée: \u200eNora vous a ajouté",
+            "[03/02/2024 10:01:00] Nora: Salut tout le monde"]),
+])
+def test_group_notices_in_the_export_language(lang, lines):
+    """Android writes notices without an author; iOS names the group or contact and starts the text with U+200E."""
+    log = ExportLog()
+    msgs = parse_whatsapp("\n".join(lines), log=log)
+    assert texts(msgs) == [("Nora", lines[-1].split("Nora: ")[1])]
+    assert log.dropped == Counter({"system lines": len(lines) - 1}) and log.language == lang
+
+
+# One placeholder per kind in each language WhatsApp exports in: (language, text, reason it is dropped).
+PLACEHOLDERS = [
+    ("en", "<Media omitted>", "media placeholders"), ("en", "\u200esticker omitted", "stickers"),
+    ("en", "IMG-20240312-WA0007.jpg (file attached)", "media placeholders"),
+    ("en", "\u200e<attached: 00000034-PHOTO-2024-03-12-10-00-00.jpg>", "media placeholders"),
+    ("en", "You deleted this message", "deleted messages"), ("en", "Missed voice call", "calls"),
+    ("de", "<Medien ausgeschlossen>", "media placeholders"), ("de", "\u200eBild weggelassen", "media placeholders"),
+    ("de", "Diese Nachricht wurde gelöscht.", "deleted messages"),
+    ("es", "<Multimedia omitido>", "media placeholders"), ("es", "\u200eimagen omitida", "media placeholders"),
+    ("es", "Se eliminó este mensaje.", "deleted messages"),
+    ("es", "DOC-20240101-WA0004.pdf (archivo adjunto)", "media placeholders"),
+    ("fr", "<Médias omis>", "media placeholders"), ("fr", "Ce message a été supprimé", "deleted messages"),
+    ("fr", "PTT-20240101-WA0001.opus (fichier joint)", "media placeholders"),
+    ("pt", "<Mídia oculta>", "media placeholders"), ("pt", "Você apagou esta mensagem", "deleted messages"),
+    ("pt", "IMG-20240312-WA0007.jpg (arquivo anexado)", "media placeholders"),
+    ("it", "<Media omessi>", "media placeholders"), ("it", "\u200eimmagine omessa", "media placeholders"),
+    ("it", "Questo messaggio è stato eliminato", "deleted messages"),
+    ("nl", "<Media weggelaten>", "media placeholders"), ("nl", "Dit bericht is verwijderd", "deleted messages"),
+    ("tr", "<Medya dahil edilmedi>", "media placeholders"), ("tr", "Bu mesaj silindi", "deleted messages"),
+    ("ru", "<Без медиафайлов>", "media placeholders"), ("ru", "Данное сообщение удалено", "deleted messages"),
+    ("id", "<Media tidak disertakan>", "media placeholders"), ("id", "Pesan ini telah dihapus", "deleted messages"),
+    ("hi", "<मीडिया के बिना>", "media placeholders"),
+]
+
+
+@pytest.mark.parametrize("lang, text, reason", PLACEHOLDERS)
+def test_placeholders_are_dropped_counted_and_name_the_language(lang, text, reason):
+    log = ExportLog()
+    assert whatsapp_text(text, log) is None
+    assert log.dropped == Counter({reason: 1}) and log.language == lang
+
+
+@pytest.mark.parametrize("text", [
+    "This message was deleted by my cat, I swear",
+    "I deleted this message by accident",
+    "the photo got deleted. Sorry!",
+    "Media omitted from the report, ask Sam",
+    "Diese Nachricht wurde gelöscht? Komisch",
+    "imagen omitida en el informe de ayer",
+    "the invoice (file attached) is on its way",
+    "null and void",
+])
+def test_sentences_that_mention_a_placeholder_are_messages(text):
+    log = ExportLog()
+    assert whatsapp_text(text, log) == text and not log.dropped
+
+
+@pytest.mark.parametrize("line", ["IMG-20220517-WA0004.jpg (file attached)", "IMG-20220517-WA0004.jpg (Datei angehängt)",
+                                  "<Media omitted>"])
+def test_android_attachment_caption_is_the_message(line):
+    log = ExportLog()
+    assert whatsapp_text(f"{line}\nthe view from the top!\nworth it", log) == "the view from the top!\nworth it"
+    assert log.changed == Counter({"captions kept from attachment lines": 1}) and not log.dropped
+
+
+@pytest.mark.parametrize("marker, lang", [(" <This message was edited>", "en"), (" \u200e<This message was edited>", "en"),
+                                          (" <Diese Nachricht wurde bearbeitet.>", "de"),
+                                          (" <Se editó este mensaje.>", "es"), (" <Ce message a été modifié>", "fr")])
+def test_edit_marker_is_removed(marker, lang):
+    log = ExportLog()
+    assert whatsapp_text("see you at eight" + marker, log) == "see you at eight"
+    assert log.changed == Counter({"edit markers removed": 1}) and log.language == lang
 
 
 def test_whatsapp_bad_date_names_the_line():
@@ -129,18 +282,41 @@ def test_telegram_text_entities_and_plain_strings():
         "see https://x.org"
 
 
-def test_telegram_service_media_and_undated_messages():
+def tg(i: int, author: str | None, text="", **extra) -> dict:
+    return {"id": i, "type": "message", "date_unixtime": str(1700000000 + 60 * i), "from": author, "text": text, **extra}
+
+
+def test_telegram_drops_what_is_not_the_authors_voice():
     data = {"name": "Chat", "type": "personal_chat", "messages": [
         {"type": "service", "date_unixtime": "1700000000", "actor": "Ann", "action": "phone_call"},
-        {"type": "message", "date_unixtime": "1700000060", "from": "Ann", "text": "", "photo": "p.jpg"},
+        tg(1, "Ann", "", photo="p.jpg"),
+        tg(2, "Ann", "look at this", photo="p.jpg"),
+        tg(3, "Me", "Breaking: the bridge closes", forwarded_from="City Daily"),
+        tg(4, "Ann", "a chain letter", forwarded_from="Aunt May"),
+        tg(5, "Ann", "", poll={"question": "Pizza?", "answers": []}),
+        tg(6, "Me", "", file="s.webp", media_type="sticker", sticker_emoji="😩"),
+        tg(7, None, "from a deleted account"),
         {"type": "message", "from": "Ann", "text": "no date"},
-        {"type": "message", "date": "2023-11-14T22:15:00", "from": "Bob", "text": "local date"},
+        {"type": "message", "date": "2023-11-14T22:15:00", "from": "Me", "text": "local date"},
     ]}
-    skips, stats = Skips("message"), Counter()
-    chats = parse_telegram(data, "result.json", skips, stats)
-    assert chats == {"Chat": [Message(datetime(2023, 11, 14, 22, 15), "Bob", "local date")]}
-    assert stats == Counter({"system lines": 1, "media or deleted": 1})
+    skips, log = Skips("message"), ExportLog()
+    chats = parse_telegram(data, "result.json", skips, log)
+    assert {k: texts(v) for k, v in chats.items()} == {"Chat": [("Ann", "look at this"), ("Me", "local date")]}
+    assert log.dropped == Counter({"system lines": 1, "media placeholders": 1, "forwarded messages": 2, "polls": 1,
+                                   "stickers": 1, "messages without an author": 1})
     assert skips.total == 1
+
+
+def test_telegram_account_export_reads_left_chats():
+    data = {"chats": {"list": [{"name": "Ann", "messages": [tg(1, "Ann", "hi"), tg(2, "Me", "hey")]}]},
+            "left_chats": {"list": [{"name": "Old club", "messages": [tg(3, "Bo", "bye?"), tg(4, "Me", "bye!")]},
+                                    {"name": "broken"}]}}
+    skips, log = Skips("message"), ExportLog()
+    chats = parse_telegram(data, "result.json", skips, log)
+    assert {k: texts(v) for k, v in chats.items()} == {"Ann": [("Ann", "hi"), ("Me", "hey")],
+                                                       "Old club": [("Bo", "bye?"), ("Me", "bye!")]}
+    assert log.changed == Counter({"left chats read": 1}) and skips.counts == Counter(
+        {"Telegram chat without a 'messages' list": 1})
 
 
 def test_instagram_mojibake_is_repaired():
@@ -151,9 +327,31 @@ def test_instagram_mojibake_is_repaired():
         {"sender_name": "Ann", "timestamp_ms": 1579294150000, "content": "Liked a message"},
         {"sender_name": "Ann", "timestamp_ms": 1579294160000, "photos": [{"uri": "x.jpg"}]},
     ]}
-    stats = Counter()
-    assert parse_instagram(data, stats=stats) == [Message(datetime(2020, 1, 17, 20, 49), "Zoë", "déjà vu")]
-    assert stats == Counter({"system lines": 1, "media or deleted": 1})
+    log = ExportLog()
+    assert parse_instagram(data, log=log) == [Message(datetime(2020, 1, 17, 20, 49), "Zoë", "déjà vu")]
+    assert log.dropped == Counter({"system lines": 1, "media placeholders": 1})
+
+
+def ig(seconds: int, author: str, content: str) -> dict:
+    return {"sender_name": author, "timestamp_ms": (1720829000 + seconds) * 1000, "content": content}
+
+
+def test_instagram_edited_message_keeps_only_its_final_text():
+    data = {"participants": [], "messages": [  # newest first, as Instagram writes them
+        ig(900, "Ann", "new topic (edited)"),  # edited, but nothing similar was sent before it
+        ig(614, "Me", "Last year \u00f0\u009f\u0098\u00ad (edited)"),
+        ig(600, "Ann", "When was that trip?"),
+        ig(595, "Me", "ok"),  # sent in between: another message, not the edited one
+        ig(590, "Me", "Last year"),
+        ig(580, "Ann", "Remember the lake?"),
+    ]}
+    log = ExportLog()
+    msgs = parse_instagram(data, log=log)
+    assert texts(msgs) == [("Ann", "Remember the lake?"), ("Me", "Last year 😭"), ("Me", "ok"),
+                           ("Ann", "When was that trip?"), ("Ann", "new topic")]
+    assert msgs[1].timestamp == datetime(2024, 7, 13, 0, 13, 10)  # when it was sent, not when it was edited
+    assert log.dropped == Counter({"earlier versions of edited messages": 1})
+    assert log.changed == Counter({"edit markers removed": 2})
 
 
 # ------------------------------------------------------------------------------------ malformed exports
@@ -191,7 +389,7 @@ def msg(minute: int, author: str, text: str) -> Message:
     return Message(datetime(2024, 1, 1, 9) + timedelta(minutes=minute), author, text)
 
 
-def test_conversations_split_merge_and_trim():
+def test_conversations_split_merge_trim_and_count():
     msgs = [
         msg(0, "Sam", "morning all"),          # leading own message: nothing to answer, dropped
         msg(1, "Ann", "hi"), msg(2, "Bob", "hey"),  # group chat: every other author is the human side
@@ -200,14 +398,18 @@ def test_conversations_split_merge_and_trim():
         msg(6, "Sam", "great"),
         msg(7, "Bob", "wait for me"),          # last human message has no reply: dropped
         msg(500, "Ann", "new day"), msg(501, "Sam", "hi Ann"),
-        msg(900, "Ann", "alone"),              # no reply at all: too short
+        msg(900, "Ann", "alone"),              # no reply at all
     ]
-    convs = conversations(list(reversed(msgs)), me="Sam", gap_minutes=240, min_turns=2)
+    dropped = Counter()
+    convs = conversations(list(reversed(msgs)), me="Sam", gap_minutes=240, min_turns=2, dropped=dropped)
     assert convs == [
         [("human", "hi\nhey"), ("gpt", "hello you two\ncoffee?"), ("human", "yes"), ("gpt", "great")],
         [("human", "new day"), ("gpt", "hi Ann")],
     ]
-    assert conversations(msgs, me="Sam", gap_minutes=240, min_turns=4) == convs[:1]
+    assert dropped == Counter({"own messages with nothing to answer": 1, "messages without a reply": 2})
+    dropped.clear()
+    assert conversations(msgs, me="Sam", gap_minutes=240, min_turns=4, dropped=dropped) == convs[:1]
+    assert dropped["messages in conversations under min_turns"] == 2
 
 
 def test_me_must_be_an_author(tmp_path):
@@ -220,7 +422,7 @@ def test_me_must_be_an_author(tmp_path):
 def test_import_telegram_batch_and_whatsapp_together(tmp_path):
     (tmp_path / "result.json").write_text(json.dumps({"chats": {"list": [
         {"name": "Ann", "messages": [
-            {"type": "message", "date_unixtime": "1700000000", "from": "Ann", "text": "call me on 07700 900123"},
+            {"type": "message", "date_unixtime": "1700000000", "from": "Ann", "text": "call me on 07911 123456"},
             {"type": "message", "date_unixtime": "1700000060", "from": "Me", "text": "will do"}]},
         {"name": "Bob", "messages": [
             {"type": "message", "date_unixtime": "1700000000", "from": "Bob", "text": "lunch at 12:30?"},
@@ -231,27 +433,53 @@ def test_import_telegram_batch_and_whatsapp_together(tmp_path):
     cfg = Messages(exports=[Export(path=str(tmp_path / "result.json"), me="Me"),
                             Export(path=str(tmp_path / "chat.txt"), format="whatsapp", me="Me")])
     result = import_messages(cfg)
-    assert [[t["value"] for t in r["conversations"]] for r in result.rows] == [
-        ["call me on <phone>", "will do"], ["lunch at 12:30?", "ok, <url>"], ["hi", "hi Ann"]]
+    assert turns(result.rows) == [[("human", "call me on <phone>"), ("gpt", "will do")],
+                                  [("human", "lunch at 12:30?"), ("gpt", "ok, <url>")],
+                                  [("human", "hi"), ("gpt", "hi Ann")]]
     assert [r["export"] for r in result.rows] == ["result.json", "result.json", "chat.txt"]
     assert all(check_row(r) == [] for r in result.rows)
     assert result.pii == Counter({"phone": 1, "url": 1})
-    assert result.counts["messages read"] == 6
+    assert result.report()["messages_read"] == 6
+    assert [e["format"] for e in result.exports] == ["telegram", "whatsapp"]
+
+
+def test_phone_region_from_the_export_language_or_params(tmp_path):
+    # A Lisbon landline is a number only in Portugal's plan; the export's placeholders say it is Portuguese.
+    chat = ("01/02/21, 10:00 - Ana: <Mídia oculta>\n01/02/21, 10:01 - Ana: liga para 21 123 4567\n"
+            "01/02/21, 10:02 - Eu: obrigado\n")
+    (tmp_path / "pt.txt").write_text(chat)
+    (tmp_path / "plain.txt").write_text(chat.replace("<Mídia oculta>", "olá"))
+    guessed = import_messages(Messages(exports=[Export(path=str(tmp_path / "pt.txt"), me="Eu")]))
+    assert turns(guessed.rows)[0][0] == ("human", "liga para <phone>")
+    assert guessed.exports[0]["language"] == "pt" and guessed.exports[0]["phone_regions"] == ["BR", "PT"]
+    unknown = import_messages(Messages(exports=[Export(path=str(tmp_path / "plain.txt"), me="Eu")]))
+    assert turns(unknown.rows)[0][0] == ("human", "olá\nliga para 21 123 4567")  # the fallback regions miss it
+    for cfg in (Messages(region="PT", exports=[Export(path=str(tmp_path / "plain.txt"), me="Eu")]),
+                Messages(region="US", exports=[Export(path=str(tmp_path / "plain.txt"), me="Eu", region="pt")])):
+        assert turns(import_messages(cfg).rows)[0][0] == ("human", "olá\nliga para <phone>")
+
+
+@pytest.mark.parametrize("data, key", [({"messages": {"region": "XX"}}, "messages.region"),
+                                       ({"messages": {"exports": [{"path": "a.txt", "me": "x", "region": "UK"}]}},
+                                        r"messages.exports\[0\].region")])
+def test_region_must_be_one_phonenumbers_knows(data, key):
+    with pytest.raises(ParamsError, match=rf"params.yaml: {key}: .* not a region code phonenumbers knows"):
+        parse_params(data)
 
 
 # ------------------------------------------------------------------------------------- sample and stage
 
 def test_sample_chat_is_a_day_first_whatsapp_export_with_sam(root):
-    stats = Counter()
-    chats = read_export(root / SAMPLE, stats=stats)
+    log = ExportLog()
+    chats = read_export(root / SAMPLE, log=log)
     msgs = chats["whatsapp_chat.txt"]
     assert {m.author for m in msgs} == {"Sam", "Priya", "Leo", "Maya"}
     assert msgs[0].timestamp == datetime(2024, 6, 10, 8, 4)
     assert any("\n" in m.text for m in msgs)
-    assert stats["system lines"] >= 3 and stats["media or deleted"] >= 2
+    assert log.dropped["system lines"] >= 3 and log.dropped["media placeholders"] >= 2
 
 
-def test_stage_writes_scrubbed_valid_dialogues(root, tmp_path, monkeypatch):
+def test_stage_writes_scrubbed_valid_dialogues_and_the_drops(root, tmp_path, monkeypatch):
     main = runpy.run_path(str(root / "stages" / "import_messages.py"))["main"]
     monkeypatch.chdir(tmp_path)
     params = Params(messages=Messages(exports=[Export(path=str(root / SAMPLE), me="Sam")]))
@@ -266,7 +494,12 @@ def test_stage_writes_scrubbed_valid_dialogues(root, tmp_path, monkeypatch):
     for placeholder in ("<email>", "<phone>", "<url>"):
         assert placeholder in text
     assert "<Media omitted>" not in text and "£4.50" in text and "10:30" in text
-    assert json.loads((tmp_path / "reports/validation/messages.json").read_text())["success"] is True
+    report = json.loads((tmp_path / "reports/validation/messages.json").read_text())
+    assert report["success"] is True
+    dropped = report["import"]["dropped"]
+    assert dropped["system lines"] == 5 and dropped["media placeholders"] == 2 and dropped["deleted messages"] == 1
+    assert report["import"]["conversations"] == len(rows)
+    assert report["import"]["exports"][0]["dropped"] == dropped
 
 
 def test_stage_leaves_no_output_when_an_export_is_bad(root, tmp_path, monkeypatch):

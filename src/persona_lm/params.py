@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from persona_lm.errors import ParamsError
 
@@ -266,10 +266,22 @@ class Templates(Section):
     max_turns: int = Field(4, ge=1)
 
 
+def _phone_region(code: str | None) -> str | None:
+    """An ISO 3166-1 alpha-2 code that phonenumbers has numbering-plan metadata for, upper-cased."""
+    import phonenumbers
+
+    if code is not None and code.upper() not in phonenumbers.SUPPORTED_REGIONS:
+        raise ValueError(f"{code!r} is not a region code phonenumbers knows (ISO 3166-1 alpha-2, e.g. ES, GB, US)")
+    return code.upper() if code else code
+
+
 class Export(Section):
     path: str = Field(min_length=1)
     format: Literal["auto", "whatsapp", "telegram", "signal", "instagram"] = "auto"
     me: str = Field(min_length=1, description="your own display name in the export: your side is the gpt voice")
+    region: str | None = Field(None, description="where this chat's phone numbers are written without a country "
+                                                   "code; overrides messages.region")
+    _region = field_validator("region")(_phone_region)
 
 
 class Messages(Section):
@@ -279,6 +291,9 @@ class Messages(Section):
     gap_minutes: float = Field(240.0, gt=0)
     scrub_pii: bool = True
     min_turns: int = Field(2, ge=2)
+    region: str | None = Field(None, description="region of national phone numbers in every export; null = "
+                                                  "guessed per export from its language (see persona_lm.data.pii)")
+    _region = field_validator("region")(_phone_region)
 
 
 # ---------------------------------------------------------------------------------------------- sharegpt
