@@ -1,9 +1,10 @@
-"""Chat-export parsers, what they drop (and count), conversation building and the import_messages stage.
-PII rules themselves are in test_pii.py."""
+"""Chat-export parsers, what they drop (and count), conversation building, the import_messages stage and
+the `persona-lm messages` command. PII rules themselves are in test_pii.py."""
 
 from __future__ import annotations
 
 import json
+import re
 import runpy
 from collections import Counter
 from datetime import datetime, timedelta
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from persona_lm.cli import main as cli
 from persona_lm.data.messages import (
     ExportLog, Message, conversations, date_order, detect_format, fix_mojibake, import_messages, parse_instagram,
     parse_telegram, parse_whatsapp, read_export, telegram_text, whatsapp_text,
@@ -511,3 +513,38 @@ def test_stage_leaves_no_output_when_an_export_is_bad(root, tmp_path, monkeypatc
     with pytest.raises(InputError, match="broken.json:1: invalid JSON"):
         main(params)
     assert not (tmp_path / "data").exists()
+
+
+# --------------------------------------------------------------------------------- persona-lm messages
+
+def test_messages_command_prints_the_stage_rows_and_drops(root, capsys):
+    assert cli(["messages", str(root / SAMPLE), "--me", "Sam"]) == 0
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert rows == import_messages(Messages(exports=[Export(path=str(root / SAMPLE), me="Sam")])).rows
+    assert "system lines 5" in err and "media placeholders 2" in err and "deleted messages 1" in err
+    assert "PII replaced: email 1, phone 2, url 1" in err
+
+
+def test_messages_command_options(tmp_path, capsys):
+    chat = tmp_path / "chat.txt"
+    chat.write_text("01/02/21, 10:00 - Ana: liga para 21 123 4567\n01/02/21, 10:01 - Eu: obrigado\n"
+                    "01/02/21, 11:00 - Ana: e amanhã?\n01/02/21, 11:01 - Eu: combinado\n")
+    assert cli(["messages", str(chat), "--me", "Eu", "--format", "whatsapp", "--region", "PT"]) == 0
+    assert [turns([json.loads(line)]) for line in capsys.readouterr().out.splitlines()] == [[[
+        ("human", "liga para <phone>"), ("gpt", "obrigado"), ("human", "e amanhã?"), ("gpt", "combinado")]]]
+    assert cli(["messages", str(chat), "--me", "Eu", "--gap-minutes", "30", "--no-scrub"]) == 0
+    out, err = capsys.readouterr()
+    assert [r["conversations"][0]["value"] for r in map(json.loads, out.splitlines())] == \
+        ["liga para 21 123 4567", "e amanhã?"]
+    assert "scrubbing off" in err
+
+
+@pytest.mark.parametrize("args, match", [(["--me", "Bob"], "me: 'Bob' is not an author"),
+                                         (["--me", "Sam", "--region", "XX"], "region: 'XX' is not a region code"),
+                                         (["--me", "Sam", "--gap-minutes", "0"], "gap_minutes: must be > 0")])
+def test_messages_command_errors_are_one_line(root, capsys, args, match):
+    assert cli(["messages", str(root / SAMPLE), *args]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and len(err.splitlines()) == 1
+    assert re.search(match, err)

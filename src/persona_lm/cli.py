@@ -37,6 +37,29 @@ def _sharegpt_check(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _messages(args: argparse.Namespace) -> int:
+    """The rows import_messages would build from these exports: JSON lines on stdout, its counts on stderr."""
+    from pydantic import ValidationError
+
+    from persona_lm.data.messages import import_messages
+    from persona_lm.params import Messages, format_error
+
+    try:
+        cfg = Messages.model_validate({
+            "exports": [{"path": path, "format": args.format, "me": args.me} for path in args.files],
+            "region": args.region, "scrub_pii": not args.no_scrub,
+            **({"gap_minutes": args.gap_minutes} if args.gap_minutes is not None else {}),
+        })
+    except ValidationError as e:
+        raise PersonaError("\n".join(format_error(err, "persona-lm messages") for err in e.errors())) from None
+    result = import_messages(cfg)
+    for row in result.rows:
+        print(json.dumps(row, ensure_ascii=False))
+    for line in result.summary():
+        print(line, file=sys.stderr)
+    return 0
+
+
 def _chat(args: argparse.Namespace) -> int:
     from persona_lm.chat import main as chat
 
@@ -88,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "(file:line: why) and the fixes it makes; exit 1 when a row or a file is refused")
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_sharegpt_check)
+
+    p = sub.add_parser("messages", help="chat exports -> the ShareGPT rows the import_messages stage would build "
+                                        "(JSON lines on stdout; counts and drops by reason on stderr)")
+    p.add_argument("files", nargs="+", help="WhatsApp/Signal .txt, Telegram result.json, Instagram message_1.json")
+    p.add_argument("--me", required=True, help="your display name in the exports: your side becomes the gpt voice")
+    p.add_argument("--format", choices=["auto", "whatsapp", "telegram", "signal", "instagram"], default="auto")
+    p.add_argument("--gap-minutes", type=float, default=None,
+                   help="a longer pause starts a new conversation (default: messages.gap_minutes' default, 240)")
+    p.add_argument("--region", default=None, help="ISO 3166 region of phone numbers written without a country code "
+                                                  "(default: guessed from the export's language)")
+    p.add_argument("--no-scrub", action="store_true", help="keep emails, URLs, phone numbers, IBANs and cards")
+    p.set_defaults(func=_messages)
 
     p = sub.add_parser("export", help="write a model folder as a transformers folder (hf) or a peft adapter (peft)")
     p.add_argument("out", help="the folder to write (replaced atomically if it holds an earlier export)")
