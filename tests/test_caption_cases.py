@@ -132,6 +132,13 @@ def test_arrow_inside_cue_text(tmp_path, name, data):
     assert texts(tmp_path, name, data) == ["A --> B means A then B", "--> this way"]
 
 
+@pytest.mark.parametrize("timing", ["00:00:03 --> 00:00:04", "3.000 --> 4.000", "00:00:03.000 --> soon"])
+def test_a_broken_timing_is_an_error_not_text(tmp_path, timing):
+    with pytest.raises(InputError) as e:
+        read_transcript(write(tmp_path, "b.vtt", f"WEBVTT\n\n00:00:01.000 --> 00:00:02.000\nHi\n\n{timing}\nthere\n"))
+    assert e.value.line == 6 and "malformed cue timing" in e.value.reason
+
+
 def test_comma_before_the_milliseconds_in_vtt(tmp_path):
     data = "WEBVTT\n\n00:00:01,200 --> 00:00:03,4\nThe bus.\n"
     assert [(c.start, c.end) for c in read_transcript(write(tmp_path, "c.vtt", data))] == [(1.2, 3.4)]

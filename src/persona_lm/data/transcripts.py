@@ -68,7 +68,7 @@ BOMS = ((codecs.BOM_UTF32_LE, "UTF-32-LE"), (codecs.BOM_UTF32_BE, "UTF-32-BE"), 
 TIMING = re.compile(
     r"\s*((?:\d+:)?[0-5]?\d:[0-5]?\d[.,]\d{1,3})\s*-->\s*((?:\d+:)?[0-5]?\d:[0-5]?\d[.,]\d{1,3})(?=\s|$)"
 )
-TIMING_START = re.compile(r"\s*\d+:\d")  # a line with `-->` that starts like a timestamp is meant as a timing
+TIMING_START = re.compile(r"\s*\d[\d:.,]*\s*-->")  # only a time (or a broken one) before `-->`: meant as a timing
 TIMING_TYPO = re.compile(r"\s*(?:\d+:)?\d{1,2}:\d{2}[.,]\d+\s*[-–—=]+>?")  # `00:01.000 -> ...`
 BLOCK_KEYWORD = re.compile(r"(?:NOTE|STYLE|REGION)(?:[ \t]|$)")  # WebVTT blocks that hold no cue text
 TAG = re.compile(r"<[^>]*>")
@@ -88,7 +88,8 @@ DASHES = "-‐‑–"  # hyphen-minus, U+2010 hyphen, U+2011 non-breaking hyphen
 NOT_SPEAKERS = frozenset("""note notes nb ps p.s. warning caution tip tips hint update edit example step chapter part
     question answer reminder important summary source sources translation translator subtitles subtitle captions
     caption transcript disclaimer spoiler ingredients look listen well so now yes no okay ok today also first second
-    third finally bonus fact rule lesson result time date location title""".split())
+    third finally bonus fact rule lesson result time date location title remember pro quick fun previously next
+    meanwhile later""".split())
 SPEAKER = ">>"
 VOICE = "\x02"  # prefixes a speaker's name while cues are read (not whitespace to str.split, unlike \x1c-\x1f)
 
@@ -143,7 +144,7 @@ def _utf16_without_bom(head: bytes) -> str | None:
     return None
 
 
-def decode(path: Path) -> str:
+def _decode(path: Path) -> str:
     """The text of a caption file: UTF-8 with or without a BOM, or UTF-16/UTF-32 with a BOM (Windows tools
     save "Unicode" SRT as UTF-16-LE with a BOM).
 
@@ -228,19 +229,25 @@ def _cue_starts(lines: list[str], timings: list[int], lo: int) -> list[int]:
     def after_blank(i: int) -> bool:
         return i - 1 < lo or _blank(lines[i - 1])
 
-    def lone_number(t: int) -> int:  # `1`, blank line, timing: a cue number set apart (webvtt-py's SRT reader agrees)
+    def lone_number(t: int) -> int:  # `1`, blank line, timing (webvtt-py's SRT reader reads it so too)
         j = t - 1
         while j >= lo and _blank(lines[j]):
             j -= 1
-        return j if j < t - 1 and j >= lo and lines[j].strip().isdigit() and after_blank(j) else t
+        return j if lo <= j < t - 1 and lines[j].strip().isdigit() and after_blank(j) else t
 
-    with_id = sum(candidate(t) and after_blank(t - 1) for t in timings)
-    uses_ids = with_id > sum(not candidate(t) for t in timings)
-    return [(t - 1 if after_blank(t - 1) or lines[t - 1].strip().isdigit() or (uses_ids and t - 2 not in is_timing)
-             else t) if candidate(t) else lone_number(t) for t in timings]
+    uses_ids = sum(candidate(t) and after_blank(t - 1) for t in timings) > sum(not candidate(t) for t in timings)
+    starts = []
+    for t in timings:
+        if not candidate(t):
+            starts.append(lone_number(t))
+        elif after_blank(t - 1) or lines[t - 1].strip().isdigit() or (uses_ids and t - 2 not in is_timing):
+            starts.append(t - 1)
+        else:
+            starts.append(t)
+    return starts
 
 
-def _payload(lines: list[str], vtt: bool) -> list[str]:
+def _payload(lines: list[str], vtt: bool, after_blank: bool = False) -> list[str]:
     """A cue's text lines, from below its timing up to the next cue.
 
     Blank lines do not end the text (a blank line under the timing, or inside the text, is common in files
@@ -248,49 +255,38 @@ def _payload(lines: list[str], vtt: bool) -> list[str]:
     out and `-->` is escaped, so webvtt-py reads the cue as one block; lines of spaces stay, as they hold
     a rolling caption's screen position.
     """
-    out, block_start, skip = [], False, False
+    out, skip = [], False
     for line in lines:
         if _blank(line):
-            block_start, skip = True, False
+            after_blank, skip = True, False
             if line:
                 out.append(line)
             continue
-        skip = skip or (block_start and vtt and bool(BLOCK_KEYWORD.match(line)))
-        block_start = False
+        skip = skip or (after_blank and vtt and bool(BLOCK_KEYWORD.match(line)))
+        after_blank = False
         if not skip:
             out.append(line.replace("-->", "--&gt;"))
     return out
 
 
-def _outside(lines: list[str], vtt: bool) -> int:
-    """Text lines between the header and the first cue (not NOTE/STYLE/REGION blocks): no cue to put them in."""
-    n, skip, block_start = 0, False, True
-    for line in lines:
-        if _blank(line):
-            skip, block_start = False, True
-            continue
-        skip = skip or (block_start and vtt and bool(BLOCK_KEYWORD.match(line)))
-        block_start = False
-        n += not skip
-    return n
-
-
 def _canonical(lines: list[str], timings: list[int], vtt: bool, dropped: Counter) -> list[str]:
     """One segment as canonical WebVTT: its header, then each cue as `timing`, text lines, blank line.
 
-    webvtt-py follows the WebVTT parsing rules, which files met in practice break: measured with 0.6.0, a cue
-    number with no blank line before it stays in the text of the cue above, a blank line between timing and
-    text loses the text, and a `-->` in the text splits the cue. Deciding the cue structure here and handing
-    over only canonical blocks keeps webvtt-py as the parser of the rest (timestamps, payload, header).
+    webvtt-py follows the WebVTT parsing rules, which files met in practice break. Measured with 0.6.0: a cue
+    number with no blank line before it stays in the text of the cue above; a blank line between timing and
+    text, CR CR LF line ends, or a `-->` in the text lose the cue's text; a comma before the milliseconds
+    loses the cue. Deciding the cue structure here and handing over only canonical blocks keeps webvtt-py
+    as the parser of the rest (timestamps, payload, header metadata).
     """
-    lo = 1 if lines and lines[0].startswith("WEBVTT") else 0
-    if lo:  # the header runs to the first blank line; a timing directly under it still starts a cue
-        lo = next((i for i in range(1, len(lines)) if _blank(lines[i]) or i in set(timings[:1])), len(lines))
+    first_timing = timings[0] if timings else len(lines)
+    lo = 0  # the header runs from `WEBVTT` to the first blank line; a timing directly under it starts a cue
+    if lines and lines[0].startswith("WEBVTT"):
+        lo = next((i for i in range(1, first_timing) if _blank(lines[i])), first_timing)
     starts = _cue_starts(lines, timings, lo)
     first = starts[0] if starts else len(lines)
     out = (lines[:lo] if lo else ["WEBVTT"]) + [""]
-    if n := _outside(lines[lo:first], vtt):
-        dropped["text outside any cue (lines)"] += n
+    if outside := sum(not _blank(line) for line in _payload(lines[lo:first], vtt, after_blank=True)):
+        dropped["text outside any cue (lines)"] += outside
     for k, t in enumerate(timings):
         end = starts[k + 1] if k + 1 < len(starts) else len(lines)
         out += [lines[t], *_payload(lines[t + 1:end], vtt), ""]
@@ -358,7 +354,7 @@ def read_transcript(path: str | Path, dropped: Counter | None = None) -> list[Cu
     """
     path = Path(path)
     dropped = Counter() if dropped is None else dropped
-    text = decode(path).removeprefix("\ufeff")
+    text = _decode(path).removeprefix("\ufeff")
     if not text.strip():
         raise NoCaptions(path, "empty file")
     lines = LINE_BREAK.split(text)
