@@ -44,6 +44,11 @@ CARD = re.compile(r"(?<![\w+])\+?\d(?:[ -]?\d){12,18}(?!\w)")
 # dotted or dashed date (day and month, a two- or four-digit year, or ISO order) is refused here.
 _DATE = re.compile(r"\d{1,2}([./-])\d{1,2}\1(?:\d{2}|\d{4})|(?:19|20)\d{2}([./-])\d{1,2}\2\d{1,2}")
 
+# No numbering plan in libphonenumber's metadata has numbers shorter than 4 digits (Austria's and Germany's
+# shortest), so a text with fewer digits, as most messages are, holds no phone number and skips the matchers.
+MIN_PHONE_DIGITS = 4
+_DIGIT = re.compile(r"\d")
+
 # Regions tried for national numbers (written without a country code) when an export's region is neither
 # set (`messages.region`) nor guessed from its language: the countries with the most WhatsApp users among
 # the languages this project reads, plus those the tests name. Each region costs one pass of the matcher.
@@ -81,6 +86,8 @@ def _phone_spans(text: str, regions: Sequence[str]) -> list[tuple[int, int]]:
     with a `+` and a country code leave no doubt about what they are, so they only need to be POSSIBLE:
     that catches numbers from ranges newer than the pinned metadata and the ones reserved for fiction.
     """
+    if len(_DIGIT.findall(text)) < MIN_PHONE_DIGITS:
+        return []
     found = [(m.start, m.end, m.raw_string) for m in PhoneNumberMatcher(text, None, leniency=Leniency.POSSIBLE)]
     for region in regions:
         found += [(m.start, m.end, m.raw_string) for m in PhoneNumberMatcher(text, region, leniency=Leniency.VALID)]
