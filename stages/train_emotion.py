@@ -28,6 +28,8 @@ def main(p: Params) -> None:
             param.requires_grad = name.startswith("emotion_head")
     batches = EmotionBatches(train=train_ex, val=val_ex, batch_size=p.emotion.batch_size,
                              block_size=model.cfg.block_size, pad_id=tok.pad, seed=p.seed)
+    if p.model.memory.enabled:  # memory attention also learns from long dialogues that outgrow the window
+        batches = phase.memory_batches(p, tok, batches)
     fp = phase.fingerprint(p, ["seed", "persona", "model", "base", "lora", "emotion"], [IN, phase.SHAREGPT])
     result = train(model, p.emotion, batches, phase.CHECKPOINTS / "train_emotion", fp,
                    {"seed": p.seed, "live_dir": "reports/train/emotion"}, "train_emotion",

@@ -53,7 +53,10 @@ class Chat:
         return [{"from": "system", "value": self.system}] if self.system else []
 
     def fit(self, user: str) -> tuple[list[int], str]:
-        """(prompt ids, the user text actually used); drops the oldest pairs from the history as needed."""
+        """(prompt ids, the user text actually used); drops the oldest pairs from the history as needed. A model
+        with memory attention gets the whole conversation: what outgrows the window goes into its memory."""
+        if getattr(self.model.cfg, "memory_layers", ()):
+            return self.tok.prompt(self._head() + self.history + [{"from": "human", "value": user}]), user
         ids, self.history, user = fit(self.tok, self.model.cfg.block_size - self.reserve, self._head(),
                                       self.history, user, self.warn)
         return ids, user

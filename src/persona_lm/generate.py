@@ -13,6 +13,10 @@ before calling); when prompt + reply reach `block_size` mid-reply, the decoder r
 recent `block_size // 2` tokens and prefills them again, so one prefill buys block_size // 2 more cached steps.
 Learned position embeddings have nothing beyond `block_size`, so a sliding cache is not an option for them;
 for RoPE re-prefilling is simply correct too. `use_cache=False` windows by the same rule, so both paths agree.
+
+A model with memory attention (model.memory_layers) takes prompts of any length: the tokens that leave the
+window at a re-window are compressed into its memory (model.Memory) instead of being dropped, and a prompt
+longer than `block_size` is prefilled window by window by the same rule, as if its tokens had been generated.
 """
 
 from __future__ import annotations
@@ -56,6 +60,52 @@ class KVCache:
     def crop(self, n: int) -> None:
         """Keep the first n positions (e.g. a shared prompt prefix); later appends overwrite the rest."""
         self.length = max(0, min(n, self.length))
+
+
+class MemoryKVCache(KVCache):
+    """A KV cache whose memory layers also hold the compressed memory: the slots sit in front of the window in
+    the same buffer, so attention stays one call over [memory ; window] and the attention layers treat the
+    slots as past positions. `push(n)` compresses the window's oldest n positions into the slots and empties
+    the window (the caller re-prefills what it keeps). `rope`: the model's (cos, sin) tables, to take the
+    rotation off the cached keys before pooling (memory keys carry none; see model.py)."""
+
+    def __init__(self, cfg, batch_size: int = 1, device=None, dtype=torch.float32, rope=None):
+        super().__init__(cfg, batch_size, device, dtype)
+        self.layers, self.n_kv_head = cfg.memory_layers, cfg.n_kv_head
+        self.rate, self.n_slots, self.rope = cfg.memory_compression, cfg.memory_slots, rope
+        for layer in self.layers:
+            self.kv[layer] = torch.zeros((batch_size, 2 * cfg.n_kv_head, cfg.memory_slots + cfg.block_size,
+                                          cfg.head_dim), device=device, dtype=dtype)
+        self.held = 0  # memory slots in use, the same number at every memory layer
+
+    def append(self, layer: int, kv: torch.Tensor) -> torch.Tensor:
+        start, T = self.length, kv.shape[2]
+        if start + T > self.block_size:
+            raise ValueError(f"KV cache overflow: {start} + {T} tokens > block_size {self.block_size}")
+        off = self.held if layer in self.layers else 0
+        buf = self.kv[layer]
+        buf.narrow(2, off + start, T).copy_(kv)
+        return buf.narrow(2, 0, off + start + T)
+
+    def push(self, n: int) -> None:
+        from persona_lm.model import apply_rope, remember
+
+        held = self.held
+        for layer in self.layers:
+            buf = self.kv[layer]
+            slots = buf[:, :, :self.held] if self.held else None
+            leaving = buf[:, :, self.held:self.held + n]
+            if self.rope is not None:
+                cos, sin = (t[:n].to(buf.dtype) for t in self.rope)
+                k, v = leaving.split_with_sizes([self.n_kv_head, self.n_kv_head], 1)
+                leaving = torch.cat([apply_rope(k, cos, -sin), v], dim=1)  # rotating back by -angle
+            slots = remember(slots, leaving, self.rate, self.n_slots)
+            held = slots.shape[2]
+            buf[:, :, :held] = slots
+        self.held, self.length = held, 0
+
+    def reset(self) -> None:
+        self.length = self.held = 0
 
 
 def apply_repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, penalty: float,
@@ -115,9 +165,10 @@ class Decoder:
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                  persona: int | None = None, use_cache: bool = True, penalty_exempt: Sequence[int] = ()):
         block = model.cfg.block_size
+        self.remembers = bool(getattr(model.cfg, "memory_layers", ()))
         if len(prompt) == 0:
             raise ValueError("the prompt is empty: generation needs at least one token to continue")
-        if len(prompt) > block:
+        if len(prompt) > block and not self.remembers:
             raise ValueError(f"the prompt has {len(prompt)} tokens but the model's context (block_size) is {block}; "
                              "drop the oldest turns before generating")
         p = next(model.parameters())
@@ -133,6 +184,7 @@ class Decoder:
             self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.persona = None if persona is None else torch.tensor([persona], device=self.device)
         self.cache = model.new_cache(1, self.device, p.dtype) if use_cache else None
+        self.memory = None  # uncached with memory attention: the model.Memory the windows attend to
         self.ids = torch.empty(1, len(prompt) + max_new_tokens, dtype=torch.long, device=self.device)
         self.ids[0, :len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
         self.keep = max(1, block // 2)
@@ -146,11 +198,21 @@ class Decoder:
         onednn = torch.backends.mkldnn.enabled
         torch.backends.mkldnn.enabled = onednn and idx.shape[1] > 1
         try:
-            h = self.model.hidden(idx, self.persona, self.cache)
+            if self.memory is None:
+                h = self.model.hidden(idx, self.persona, self.cache)
+            else:
+                h = self.model.hidden(idx, self.persona, memory=self.memory)
         finally:
             torch.backends.mkldnn.enabled = onednn
         self.last_hidden = h[:, -1]
         return self.model.lm_head(self.last_hidden).float()
+
+    def _leave(self, n: int) -> None:
+        """The window's oldest n tokens leave it: into memory (the cache then starts a new window), or gone."""
+        if self.remembers:
+            (self.cache if self.cache is not None else self.memory).push(n)
+        elif self.cache is not None:
+            self.cache.reset()
 
     @torch.inference_mode()
     def __iter__(self) -> Iterator[int]:
@@ -162,8 +224,16 @@ class Decoder:
                 return
             if cache is not None:
                 cache.reset()
+            elif self.remembers:
+                from persona_lm.model import Memory
+
+                self.memory = Memory(model.cfg)
             n, start = self.n_prompt, 0
-            logits = self._logits(ids[:, :n])
+            while n - start > block:  # a long prompt (memory attention only): window by window
+                self._logits(ids[:, start:start + block])
+                self._leave(block + 1 - self.keep)
+                start += block + 1 - self.keep
+            logits = self._logits(ids[:, start:n])
             for step in range(self.max_new_tokens):
                 logits = apply_repetition_penalty(logits, ids[:, :n], self.repetition_penalty, self.exempt)
                 tok = sample(logits, self.temperature, self.top_k, self.top_p, self.generator)
@@ -173,9 +243,8 @@ class Decoder:
                 if step == self.max_new_tokens - 1:
                     break
                 if n - start > block:  # re-window: keep the most recent tokens, prefill them from scratch
+                    self._leave(n - self.keep - start)
                     start = n - self.keep
-                    if cache is not None:
-                        cache.reset()
                     logits = self._logits(ids[:, start:n])
                 elif cache is not None:
                     logits = self._logits(ids[:, n - 1:n])

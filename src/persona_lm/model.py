@@ -5,6 +5,15 @@ grouped-query attention (n_kv_head < n_head) available to both. On top of the la
 additions: a learned persona embedding added to every input position (one model can hold several personas),
 and an emotion head that classifies a reply from the hidden state that predicts its end-of-turn marker: in a
 causal model that position has read the whole reply, and during generation it is computed anyway.
+
+Memory attention (`memory_layers`, off when empty) follows the Compressive Transformer (Rae et al. 2019,
+"Compressive Transformers for Long-Range Sequence Modelling"): when a conversation outgrows the window, the
+keys and values of the tokens that leave it are mean-pooled over `memory_compression` consecutive positions
+(the paper's simplest compression function, no parameters) into up to `memory_slots` slots per memory layer,
+oldest dropped first, and those layers attend to [memory ; window]: memory fully visible (it is all in the
+past), the window causal. Memory keys are pooled before RoPE and get no rotation (they sit at the window's
+first position); with learned positions they keep the embedding of the position they had. Training carries
+memory across windows without gradient through it, as Transformer-XL does (Dai et al. 2019).
 """
 
 from __future__ import annotations
@@ -36,9 +45,14 @@ class GPTConfig:
     tie_embeddings: bool = True
     n_personas: int = 1
     n_emotions: int = 0
+    memory_layers: tuple[int, ...] = ()  # layers that attend to compressed memory; empty = no memory attention
+    memory_compression: int = 4          # consecutive tokens mean-pooled into one memory slot
+    memory_slots: int = 128              # memory slots per memory layer, oldest dropped first
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
+        self.memory_layers = tuple(self.memory_layers)
+        assert all(0 <= i < self.n_layer for i in self.memory_layers), "memory_layers must be in 0..n_layer-1"
         assert self.n_embd % self.n_head == 0, "n_embd must be divisible by n_head"
         assert self.n_head % self.n_kv_head == 0, "n_head must be divisible by n_kv_head"
         assert self.pos != "rope" or self.head_dim % 2 == 0, "rope needs an even head size"
@@ -93,6 +107,67 @@ def linear(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return x @ w.t() if p["bias"] is None else F.linear(x, w, p["bias"])
 
 
+def window_stride(block_size: int) -> int:
+    """Tokens that leave a full window when the next one arrives: the decoder then keeps the newest
+    block_size // 2 and re-prefills them (generate.Decoder), so block_size + 1 - block_size // 2 leave. Training
+    on long dialogues cuts them into windows this far apart, so memory holds what it holds in generation."""
+    return block_size + 1 - max(1, block_size // 2)
+
+
+def compress(kv: torch.Tensor, rate: int) -> torch.Tensor:
+    """Mean over each `rate` consecutive positions, oldest first: (B, C, L, D) -> (B, C, ceil(L / rate), D);
+    the newest group may be shorter and is averaged over its own length."""
+    B, C, L, D = kv.shape
+    n = -(-L // rate)
+    short = n * rate - L
+    sums = F.pad(kv, (0, 0, 0, short)).view(B, C, n, rate, D).sum(3)
+    counts = torch.full((n, 1), float(rate), device=kv.device, dtype=kv.dtype)
+    counts[-1] = rate - short
+    return sums / counts
+
+
+def remember(slots: torch.Tensor | None, leaving: torch.Tensor, rate: int, n_slots: int) -> torch.Tensor:
+    """Memory slots after `leaving` (B, C, L, D) keys/values left the window: compressed, appended, and the
+    oldest slots dropped beyond `n_slots` (first in, first out)."""
+    new = compress(leaving, rate)
+    if slots is not None:
+        new = torch.cat([slots, new], dim=2)
+    return new[:, :, -n_slots:]
+
+
+class Memory:
+    """Compressed memory of one batch for the uncached forward (training, the reference decode): the memory
+    layers record their window's keys (before RoPE) and values as they run; `push(n)` compresses the oldest n
+    positions of the last window into slots, which the next window's forward attends to. Recorded keys and
+    values are detached: no gradient flows into an earlier window (Transformer-XL's stop-gradient)."""
+
+    def __init__(self, cfg: GPTConfig):
+        self.layers = frozenset(cfg.memory_layers)
+        self.rate, self.n_slots = cfg.memory_compression, cfg.memory_slots
+        self.slots: dict[int, torch.Tensor] = {}
+        self.window: dict[int, torch.Tensor] = {}
+
+    def attend(self, layer: int, fresh: torch.Tensor, kv: torch.Tensor, mask):
+        """Record the window's `fresh` keys/values; return (keys/values to attend to, mask): [memory ; kv],
+        memory visible to every query, `mask` (or the causal rule) over the window."""
+        if layer not in self.layers:
+            return kv, mask
+        self.window[layer] = fresh.detach()
+        slots = self.slots.get(layer)
+        if slots is None:
+            return kv, mask
+        T, m = kv.shape[2], slots.shape[2]
+        if mask is None:
+            mask = torch.ones(T, m + T, dtype=torch.bool, device=kv.device).tril(diagonal=m)
+        else:
+            mask = torch.cat([mask.new_ones(*mask.shape[:-1], m), mask], dim=-1)
+        return torch.cat([slots.to(kv.dtype), kv], dim=2), mask
+
+    def push(self, n: int) -> None:
+        for layer, kv in self.window.items():
+            self.slots[layer] = remember(self.slots.get(layer), kv[:, :, :n], self.rate, self.n_slots)
+
+
 def rope_tables(cfg: GPTConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape (length, head_dim) in the rotate-half layout that Hugging Face's Llama uses."""
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim))
@@ -115,9 +190,9 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x, B: int, T: int, rope=None, cache=None, mask=None):
+    def forward(self, x, B: int, T: int, rope=None, cache=None, mask=None, memory=None):
         """x: (B*T, n_embd) -> (B*T, n_embd), before the residual add. `mask` (B, 1, T, keys) bool, when given,
-        replaces the causal rule (a left-padded batch, see GPT.hidden)."""
+        replaces the causal rule (a left-padded batch, see GPT.hidden). `memory` (Memory): attend to it too."""
         cfg = self.cfg
         # one view for all heads, then split: q and the keys+values as (B, heads, T, head_dim); the keys and
         # values stay one tensor so that the cache stores them with a single copy
@@ -126,17 +201,20 @@ class Attention(nn.Module):
         # zero-fills a full-size gradient (4% of a small model's training step); and not Tensor.split, which
         # is a Python-level wrapper around it
         q, kv = qkv.split_with_sizes([cfg.n_head, 2 * cfg.n_kv_head], 1)
+        fresh = kv  # before RoPE: what memory compresses
         if rope is not None:
             k, v = kv.split_with_sizes([cfg.n_kv_head, cfg.n_kv_head], 1)
             q, kv = apply_rope(q, *rope), torch.cat([apply_rope(k, *rope), v], dim=1)
         causal = mask is None
         if cache is not None:
-            start = cache.length
             kv = cache.append(self.layer, kv)
+            start = kv.shape[2] - T  # memory slots held in front of the window count as past
             if start > 0:
                 causal = False
                 if T > 1 and mask is None:  # a new chunk on a filled cache: causal within it, full over the past
                     mask = torch.ones(T, kv.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start)
+        if memory is not None:
+            kv, mask = memory.attend(self.layer, fresh, kv, mask)
         k, v = kv.split_with_sizes([cfg.n_kv_head, cfg.n_kv_head], 1)
         # enable_gqa shares each k/v head with n_head/n_kv_head query heads without copying k and v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
@@ -170,8 +248,8 @@ class Block(nn.Module):
         self.ln_1, self.attn = make_norm(cfg), Attention(cfg, layer)
         self.ln_2, self.mlp = make_norm(cfg), MLP(cfg)
 
-    def forward(self, x, B: int, T: int, rope=None, cache=None, mask=None):
-        a = self.attn.forward(norm(self.ln_1, x), B, T, rope, cache, mask)
+    def forward(self, x, B: int, T: int, rope=None, cache=None, mask=None, memory=None):
+        a = self.attn.forward(norm(self.ln_1, x), B, T, rope, cache, mask, memory)
         if self.dropout and self.training:
             a = F.dropout(a, self.dropout)
         x = x + a
@@ -230,14 +308,19 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def new_cache(self, batch_size: int = 1, device=None, dtype=torch.float32):
-        """An empty KV cache for `generate` (see generate.KVCache)."""
-        from persona_lm.generate import KVCache
+        """An empty KV cache for `generate` (see generate.KVCache); with memory attention one that also holds
+        the memory slots (generate.MemoryKVCache)."""
+        from persona_lm.generate import KVCache, MemoryKVCache
 
+        if self.cfg.memory_layers:
+            rope = (self.rope_cos, self.rope_sin) if self.cfg.pos == "rope" else None
+            return MemoryKVCache(self.cfg, batch_size, device, dtype, rope)
         return KVCache(self.cfg, batch_size, device, dtype)
 
     def hidden(self, idx: torch.Tensor, persona: torch.Tensor | None = None, cache=None,
-               pad: torch.Tensor | None = None) -> torch.Tensor:
-        """Final normalised hidden states (B, T, n_embd). `cache` (see generate.KVCache) enables decoding.
+               pad: torch.Tensor | None = None, memory: Memory | None = None) -> torch.Tensor:
+        """Final normalised hidden states (B, T, n_embd). `cache` (see generate.KVCache) enables decoding;
+        `memory` (uncached) makes the memory layers attend to it and record this window for `memory.push`.
 
         `pad` (B,) long: rows of a batch left-padded to one length hold that many padding tokens first. Each
         row's positions then count from its first real token and no position attends to padding, so a row
@@ -268,9 +351,9 @@ class GPT(nn.Module):
                 rope = (self.rope_cos[pos].unsqueeze(1).to(x.dtype), self.rope_sin[pos].unsqueeze(1).to(x.dtype))
         for block in self.blocks:
             if self.grad_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, B, T, rope, None, mask, use_reentrant=False)
+                x = checkpoint(block, x, B, T, rope, None, mask, memory, use_reentrant=False)
             else:
-                x = block.forward(x, B, T, rope, cache, mask)
+                x = block.forward(x, B, T, rope, cache, mask, memory)
         if cache is not None:
             cache.advance(T)
         return norm(self.ln_f, x).view(B, T, -1)
@@ -278,9 +361,12 @@ class GPT(nn.Module):
     def forward(self, idx, persona=None, cache=None, emotion_index=None):
         """Next-token logits for every position, and emotion logits at `emotion_index` (B,) when given.
 
+        `idx` (B, K, T): K consecutive windows of long sequences (see `windows`), logits (B, K, T, vocab).
         Losses are computed by the caller (train.loop), which knows how to normalise them across
         micro-batches; going through forward() keeps DDP's gradient hooks in the path.
         """
+        if idx.dim() == 3:
+            return self.windows(idx, persona), None
         h = self.hidden(idx, persona, cache)
         logits = linear(self.lm_head, h)
         if emotion_index is None:
@@ -288,6 +374,18 @@ class GPT(nn.Module):
         if self.emotion_head is None:
             raise ValueError("this model has no emotion head (n_emotions = 0)")
         return logits, self.emotion_head(h[torch.arange(h.shape[0], device=h.device), emotion_index])
+
+    def windows(self, idx: torch.Tensor, persona: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, K, T, vocab) of K windows processed in order, window k starting window_stride(block_size)
+        tokens after window k-1 (their overlap is predicted twice; the caller masks one copy), the oldest
+        window_stride tokens of each compressed into memory before the next, as generate.Decoder does."""
+        memory = Memory(self.cfg)
+        out = []
+        for k in range(idx.shape[1]):
+            if k:
+                memory.push(window_stride(self.cfg.block_size))
+            out.append(linear(self.lm_head, self.hidden(idx[:, k], persona, memory=memory)))
+        return torch.stack(out, dim=1)
 
     def param_counts(self) -> dict[str, int]:
         """Parameters per component (tied weights counted once), for the metrics."""

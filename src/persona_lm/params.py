@@ -339,6 +339,21 @@ class TokenizerParams(Section):
     min_frequency: int = Field(2, ge=1)
 
 
+class MemoryAttention(Section):
+    """Memory attention (Compressive Transformer, Rae et al. 2019; see persona_lm.model): the keys and values of
+    turns that leave the context window are mean-pooled into memory slots that the chosen layers attend to.
+    Phase 3 then also trains on long dialogues that need it (user facts asked after they left the window)."""
+
+    enabled: bool = False
+    layers: list[int] | None = Field(None, min_length=1, description="layers that attend to memory; null = all")
+    compression: int = Field(4, ge=1, description="consecutive tokens mean-pooled into one memory slot")
+    slots: int = Field(128, ge=1, description="memory slots per layer; the oldest are dropped first")
+    share: float = Field(0.5, gt=0, le=1, description="phase 3: share of the training batches that are long dialogues")
+    dialogues: int = Field(2000, ge=1, description="phase 3: long dialogues built from ShareGPT train rows and user facts")
+    episodes: int = Field(2, ge=1, description="per long dialogue: facts told, unrelated turns past the window, "
+                          "then questions about them")
+
+
 class Model(Section):
     """Architecture. GPT-2 family: learned + layernorm + gelu; Llama family: rope + rmsnorm + swiglu."""
 
@@ -356,6 +371,7 @@ class Model(Section):
     rope_theta: float = Field(10000.0, gt=0)
     tie_embeddings: bool = True
     n_personas: int = Field(1, ge=1)
+    memory: MemoryAttention = MemoryAttention()
 
     @model_validator(mode="after")
     def _shapes(self) -> "Model":
@@ -365,6 +381,9 @@ class Model(Section):
             raise ValueError(f"n_kv_head: must divide n_head ({self.n_head}) (got {self.n_kv_head})")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"pos: rope needs an even head size, n_embd/n_head = {self.n_embd // self.n_head}")
+        bad = [i for i in self.memory.layers or [] if not 0 <= i < self.n_layer]
+        if bad:
+            raise ValueError(f"memory.layers: layers are 0..{self.n_layer - 1} (n_layer {self.n_layer}) (got {bad})")
         return self
 
 

@@ -5,7 +5,8 @@ tokenizer and chat template, and the emotion head beside it.
 
 Our own model maps onto a stock architecture, so the export loads with `AutoModelForCausalLM` and no custom
 code: learned positions + LayerNorm + GELU become `GPT2LMHeadModel`; RoPE + RMSNorm + SwiGLU become
-`LlamaForCausalLM`. Any other mix has no stock equivalent and is refused with the option that breaks it.
+`LlamaForCausalLM`. Any other mix has no stock equivalent and is refused with the option that breaks it, and so
+is memory attention (`model.memory.enabled`), which neither stock architecture has.
 The conversion is exact (same logits), which takes three small translations:
 
 - The persona embedding is added to every input position. A constant added to every input is the same as a
@@ -49,6 +50,10 @@ FAMILIES = {"learned": ("gpt2", "GPT-2", {"norm": "layernorm", "mlp": "gelu"}),
 
 def family(cfg) -> str:
     """"gpt2" or "llama", or a PersonaError naming the option neither stock architecture can express."""
+    if getattr(cfg, "memory_layers", ()):
+        raise PersonaError("cannot export a model with memory attention (model.memory.enabled: true): transformers' "
+                           "GPT-2 and Llama have no compressed memory to attend to, and without it the model would "
+                           "not behave as trained; export a run with model.memory.enabled: false")
     if cfg.pos not in FAMILIES:
         raise PersonaError(f"cannot export model.pos={cfg.pos}: only learned (GPT-2) and rope (Llama) are supported")
     name, title, needs = FAMILIES[cfg.pos]

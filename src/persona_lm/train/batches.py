@@ -1,5 +1,5 @@
 """Phase-specific batches: corpus sequences (pretrain), rendered conversations (finetune), labelled replies
-(train_emotion).
+(train_emotion), and with memory attention long dialogues cut into consecutive windows (train_emotion).
 
 Labels are shifted exactly once, here: a sequence of n+1 tokens gives inputs `ids[:-1]` and targets
 `ids[1:]`; the model never shifts. Targets are -100 wherever no loss is wanted (prompt tokens, padding).
@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from persona_lm.model import window_stride
 
 IGNORE = -100
 _SPLIT_SALT = {"train": 0, "val": 1}
@@ -142,3 +144,44 @@ def collate_emotion(examples, block_size: int, pad_id: int) -> dict:
     x, y = pad_sequences(seqs, pad_id)
     return {"x": x, "y": y, "emotion_index": torch.tensor(index), "emotion_label": torch.tensor(labels),
             "persona": torch.tensor(personas)}
+
+
+@dataclass
+class MemoryBatches:
+    """Phase 3 with memory attention: a `share` of the training batches are long dialogues cut into windows
+    (collate_windows), the model carrying memory from each to the next; the other batches, and every val batch,
+    are the emotion phase's own. The choice draws from its own generator, so the emotion batches are those a
+    run without memory gets at the same step."""
+
+    emotion: EmotionBatches
+    dialogues: list[tuple[list[int], list[int], int]]  # (ids, mask, persona), any length
+    share: float
+    batch_size: int
+    block_size: int
+    pad_id: int
+    seed: int
+
+    def get(self, split: str, step: int, rank: int = 0) -> dict:
+        if split == "train":
+            g = generator(self.seed + 1, split, step, rank)
+            if float(torch.rand(1, generator=g)) < self.share:
+                return collate_windows(pick(self.dialogues, self.batch_size, g), self.block_size, self.pad_id)
+        return self.emotion.get(split, step, rank)
+
+
+def collate_windows(examples, block_size: int, pad_id: int) -> dict:
+    """(ids, mask, persona) sequences -> inputs and targets (B, K, block_size): K windows window_stride apart,
+    as generate.Decoder re-windows a long conversation (GPT.windows reads them in order). A position two windows
+    overlap on is a target in the first only, so each token is learned once; windows past a row's end are
+    padding with no targets."""
+    stride = window_stride(block_size)
+    n = max(len(ids) for ids, _, _ in examples) - 1
+    K = 1 + max(0, -(-(n - block_size) // stride))
+    x, y = pad_sequences([(ids, mask) for ids, mask, _ in examples], pad_id)
+    width = (K - 1) * stride + block_size
+    x = torch.nn.functional.pad(x, (0, width - x.shape[1]), value=pad_id)
+    y = torch.nn.functional.pad(y, (0, width - y.shape[1]), value=IGNORE)
+    idx = torch.arange(K)[:, None] * stride + torch.arange(block_size)
+    x, y = x[:, idx], y[:, idx].clone()
+    y[:, 1:, :block_size - stride] = IGNORE
+    return {"x": x, "y": y, "persona": torch.tensor([persona for _, _, persona in examples])}

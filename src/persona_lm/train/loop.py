@@ -96,7 +96,7 @@ def batch_loss(model, batch: dict, n_tokens: float, n_labels: float, lm_weight: 
     `class_weights` (n_emotions,) scales each labelled reply's emotion loss by its label's weight; the sum is
     still divided by the label count, so balanced weights (mean 1 over the train labels) keep the loss scale."""
     logits, emo = model(batch["x"], persona=batch.get("persona"), emotion_index=batch.get("emotion_index"))
-    lm = F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten(), ignore_index=IGNORE,
+    lm = F.cross_entropy(logits.float().flatten(0, -2), batch["y"].flatten(), ignore_index=IGNORE,
                          reduction="sum") / max(n_tokens, 1.0)
     if emo is None:
         return lm, {"lm": lm.detach()}

@@ -1,12 +1,14 @@
 """What the three training stages share: reading their inputs as token data, building or loading the model
 (ours, or a pretrained base) and setting what the phase trains (all weights or LoRA adapters), fingerprinting a
-run for safe resumption, and writing the phase's model folder and metrics."""
+run for safe resumption, writing the phase's model folder and metrics, and the long dialogues phase 3 trains
+memory attention on."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import random
 import shutil
 import sys
 import zlib
@@ -24,7 +26,9 @@ from persona_lm.model import GPT, GPTConfig
 from persona_lm.params import Params
 from persona_lm.tokenizer import ChatTokenizer, load_tokenizer
 from persona_lm.train import checkpoint
+from persona_lm.train.batches import EmotionBatches, MemoryBatches
 from persona_lm.train.loop import PhaseResult
+from persona_lm.user_facts import make_facts, slots
 
 CORPUS = Path("data/interim/corpus.parquet")
 TRANSCRIPTS = Path("data/interim/transcripts.parquet")
@@ -181,14 +185,28 @@ def check_lora(p: Params, phase: str, tok) -> None:
 
 
 def _own(p: Params, tok) -> GPT:
-    arch = {**p.model.model_dump(), "n_kv_head": p.model.n_kv_head or p.model.n_head}
-    return GPT(GPTConfig(vocab_size=tok.vocab_size, n_emotions=len(p.persona.emotions), **arch))
+    arch = {**p.model.model_dump(exclude={"memory"}), "n_kv_head": p.model.n_kv_head or p.model.n_head}
+    return GPT(GPTConfig(vocab_size=tok.vocab_size, n_emotions=len(p.persona.emotions), **arch, **memory_config(p)))
+
+
+def memory_config(p: Params) -> dict:
+    """`model.memory` as GPTConfig fields (no memory layers when it is off)."""
+    m = p.model.memory
+    layers = (list(range(p.model.n_layer)) if m.layers is None else m.layers) if m.enabled else []
+    return {"memory_layers": tuple(layers), "memory_compression": m.compression, "memory_slots": m.slots}
+
+
+def check_memory(p: Params) -> None:
+    if p.model.memory.enabled and p.base.model is not None:
+        raise PersonaError(f"model.memory.enabled: memory attention is an option of our own model; it does not apply "
+                           f"to base.model {p.base.model} (set model.memory.enabled: false or base.model: null)")
 
 
 def new_model(p: Params, tok) -> torch.nn.Module:
     """The model phase 1 starts from: ours, randomly initialised, or the base as published; set to train what
     `pretrain` trains."""
     torch.manual_seed(p.seed)
+    check_memory(p)
     if p.base.model is None:
         model = _own(p, tok)
     else:
@@ -221,9 +239,14 @@ def skipped(live_dir: Path) -> PhaseResult:
 
 
 def load_phase_model(path: Path, p: Params, phase: str) -> tuple[torch.nn.Module, ChatTokenizer]:
-    """The previous phase's model, set to train what `phase` ("finetune" | "emotion") trains."""
+    """The previous phase's model, set to train what `phase` ("finetune" | "emotion") trains. Memory attention
+    is set from params (it adds no weights), so phase 3 can turn it on for a model trained without it."""
     check_lora(p, phase, load_tokenizer(path))
+    check_memory(p)
     model, tok, config = checkpoint.load_model(path, merge=False, trainable=True)
+    if isinstance(model, GPT):
+        for key, value in memory_config(p).items():
+            setattr(model.cfg, key, value)
     if config.get("emotions") != p.persona.emotions:
         raise PersonaError(f"{path} was trained with emotions {config.get('emotions')}, params say "
                            f"{p.persona.emotions}: rerun the pipeline from pretrain")
@@ -232,6 +255,59 @@ def load_phase_model(path: Path, p: Params, phase: str) -> tuple[torch.nn.Module
     model.emotion_head.requires_grad_(phase == "emotion")
     torch.manual_seed(p.seed)  # dropout draws start from the seed, whatever loading the model drew before
     return model, tok
+
+
+# What the assistant says when told a fact: never the fact itself, so that only the user's turn holds it.
+ACKNOWLEDGEMENTS = ("Got it!", "Oh, nice!", "I'll remember that.", "Thanks for telling me!", "Good to know!",
+                    "Ooh, I like that.", "Noted! *scribbles on a tiny notepad*")
+
+
+def memory_dialogues(p: Params, tok: ChatTokenizer, rows: list[dict], n: int, seed: int) -> list[tuple[list[int], list[int], int]]:
+    """`n` long multi-turn dialogues that need memory, as (ids, mask, persona): the system prompt, then
+    `model.memory.episodes` times: the user tells two facts (user_facts.make_facts, each with a short
+    acknowledgement), ShareGPT conversations of one persona follow until at least block_size tokens have passed
+    (so the facts have left the window), then the user asks about both, with a training question (never a
+    test_question: those are the benchmark's held-out paraphrases) and the reply gives the fact's answer.
+    Facts are distinct within a dialogue. Loss on assistant tokens, as in finetune."""
+    block = p.model.block_size
+    rng = random.Random(seed)
+    fillers: dict[int, list[tuple[list[int], list[int]]]] = {}
+    for row in rows:  # conversations short enough that the facts stay within memory's reach
+        ids, mask, _ = tok.render([m for m in row["conversations"] if m["from"] != "system"])
+        if ids and len(ids) <= block // 2:
+            fillers.setdefault(persona_id(p, row), []).append((ids, mask))
+    if not fillers:
+        raise PersonaError(f"model.memory: no ShareGPT train conversation of at most {block // 2} tokens to build "
+                           "long dialogues from")
+    personas = sorted(fillers)
+    n_facts = min(2 * p.model.memory.episodes, len(slots()))
+    out = []
+    for _ in range(n):
+        persona = rng.choice(personas)
+        ids, mask, _ = tok.render([{"from": "system", "value": p.persona.system_prompt}])
+        facts = make_facts(n_facts, rng.randrange(1 << 30))
+        for e in range(0, n_facts, 2):
+            told = facts[e:e + 2]
+            for f in told:
+                turn = tok.render([{"from": "human", "value": f.statement}, {"from": "gpt", "value": rng.choice(ACKNOWLEDGEMENTS)}])
+                ids, mask = ids + turn[0], mask + turn[1]
+            mark = len(ids)
+            while len(ids) - mark < block:
+                more, more_mask = rng.choice(fillers[persona])
+                ids, mask = ids + more, mask + more_mask
+            for f in rng.sample(told, len(told)):
+                turn = tok.render([{"from": "human", "value": rng.choice(f.train_questions)}, {"from": "gpt", "value": f.answer}])
+                ids, mask = ids + turn[0], mask + turn[1]
+        out.append((ids, mask, persona))
+    return out
+
+
+def memory_batches(p: Params, tok: ChatTokenizer, emotion: EmotionBatches) -> MemoryBatches:
+    """Phase 3's batches with memory attention on: the emotion batches plus long dialogues (`model.memory.share`)."""
+    dialogues = memory_dialogues(p, tok, sharegpt_rows("train"), p.model.memory.dialogues, p.seed)
+    return MemoryBatches(emotion=emotion, dialogues=dialogues, share=p.model.memory.share,
+                         batch_size=emotion.batch_size, block_size=emotion.block_size, pad_id=emotion.pad_id,
+                         seed=emotion.seed)
 
 
 def finish(p: Params, name: str, model: GPT, result: PhaseResult, out: Path) -> dict | None:
