@@ -9,6 +9,7 @@ from conftest import tiny_model_dir
 from persona_lm import probes
 from persona_lm.params import Params, parse_params
 from persona_lm.train.checkpoint import load_model
+from persona_lm.user_facts import make_facts
 
 P = Params()
 
@@ -25,7 +26,8 @@ class Scripted(probes.Prober):
         return sum(len(t["value"].split()) for t in turns) <= self.model.cfg.block_size
 
     def reply_all(self, conversations, max_new_tokens=None):
-        return [None if turns is None or not self.fits(turns) else self.reply(turns) for turns in conversations]
+        return [None if turns is None or not (self.remembers or self.fits(turns)) else self.reply(turns)
+                for turns in conversations]
 
     def reply(self, turns):
         self.seen.append(turns)
@@ -99,7 +101,7 @@ def test_in_context_memory_recalls_by_gap_and_counts_what_does_not_fit():
 
         def reply(self, turns):
             said = turns[0]["value"]
-            text = " ".join(v for _, (_, _, values) in probes.USER_FACTS.items() for v in values if probes.says(said, v))
+            text = " ".join(v for make in probes.MEMORY_PROBE_FACTS for v in make("").candidates if probes.says(said, v))
             self.replies.append(text)
             return SimpleNamespace(text=text, emotion="neutral")
 
@@ -114,7 +116,7 @@ def test_in_context_memory_recalls_by_gap_and_counts_what_does_not_fit():
 
 
 def test_in_context_memory_fails_a_reply_naming_another_candidate_too():
-    name = probes.USER_FACTS["name"]
+    name = probes.MEMORY_PROBE_FACTS[0]("").candidates
 
     class Both(Scripted):
         def reply(self, turns):
@@ -122,7 +124,51 @@ def test_in_context_memory_fails_a_reply_naming_another_candidate_too():
             return SimpleNamespace(text="Priya or Marco?", emotion="neutral")
 
     r = probes.in_context_memory(Both({}), [1], seed=0)
-    assert "Priya" in name[2] and not any(x["passed"] for x in r["results"])
+    assert {"Priya", "Marco"} <= set(name) and not any(x["passed"] for x in r["results"])
+
+
+class Words:
+    """A tokenizer stand-in: one token per word of every turn."""
+
+    @staticmethod
+    def prompt(turns):
+        return [w for t in turns for w in t["value"].split()]
+
+
+class Recaller(Scripted):
+    """Answers a question about a fact with its value when the statement is in the conversation it is shown."""
+
+    def __init__(self, facts, block_size=10_000, memory=()):
+        super().__init__({}, block_size=block_size)
+        self.model.cfg.memory_layers, self.tok, self.facts = memory, Words(), facts
+
+    def reply(self, turns):
+        self.seen.append(turns)
+        text = " ".join(f.value for f in self.facts if turns[-1]["value"] in f.test_questions
+                        and any(f.statement == t["value"] for t in turns))
+        self.replies.append(text)
+        return SimpleNamespace(text=text, emotion="neutral")
+
+
+def test_fact_recall_scenarios():
+    facts = make_facts(3, seed=1)
+    inside = probes.fact_recall(Recaller(facts), facts, "in_context")
+    assert inside["rate"] == 1.0 and inside["n"] == sum(len(f.test_questions) for f in facts)
+    assert {r["question"] for r in inside["results"]} == {q for f in facts for q in f.test_questions}
+    # beyond the window: a model without memory attention is shown only the end of the conversation
+    small = Recaller(facts, block_size=60)
+    beyond = probes.fact_recall(small, facts, "beyond_window")
+    assert beyond["rate"] == 0.0 and beyond["n"] == inside["n"]
+    assert all(small.fits(turns) and not any(t["value"] == probes.ACK for t in turns) for turns in small.seen)
+    remembers = Recaller(facts, block_size=60, memory=(1,))
+    assert probes.fact_recall(remembers, facts, "beyond_window")["rate"] == 1.0
+    assert all(len(Words.prompt(turns)) > 60 for turns in remembers.seen)
+    # wiped: the question alone; a model that knows nothing recalls nothing
+    wiped = Recaller(facts)
+    assert probes.fact_recall(wiped, facts, "wiped")["rate"] == 0.0
+    assert all(len(turns) == 1 for turns in wiped.seen)
+    with pytest.raises(ValueError, match="scenario"):
+        probes.fact_recall(wiped, facts, "later")
 
 
 def test_emotion_fit_uses_the_heads_label():

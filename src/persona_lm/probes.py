@@ -25,9 +25,11 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 from persona_lm.data.sharegpt import normalise
-from persona_lm.generate import generate_batch
+from persona_lm.generate import generate, generate_batch
+from persona_lm.user_facts import Fact, name_fact, pet_fact, plan_fact, recalled, says
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +48,12 @@ FILLER = (
 # A recalled name or place needs few tokens; the shorter budget lets six exchanges fit a 256-token window.
 RECALL_TOKENS = 16
 
-# Facts a user tells about themselves: statement, question, and every value of that kind (the candidates).
-USER_FACTS = {
-    "name": ("My name is {v}, by the way.", "Do you remember my name?",
-             ["Priya", "Marco", "Lena", "Tomasz", "Aiko", "Jamal", "Sofia", "Oskar"]),
-    "pet": ("I have a dog called {v}.", "What's my dog called?",
-            ["Biscuit", "Pepper", "Noodle", "Ziggy", "Mochi", "Waffles", "Pickle", "Bean"]),
-    "plan": ("On Saturday I'm going to the {v}.", "Where am I going on Saturday?",
-             ["lake", "museum", "cinema", "zoo", "beach", "library", "bakery", "stadium"]),
-}
+# The facts of the in-context memory probe: each kind's maker, whose candidates the value is drawn from.
+MEMORY_PROBE_FACTS = (name_fact, partial(pet_fact, "dog"), partial(plan_fact, "Saturday"))
 
 # A name is capitalised: "Call me Zelda" claims a name, "call me anytime" does not.
 _CLAIMED_NAME = re.compile(r"\b(?i:my name is|my name's|call me|i'm called|i am called)\s+([A-Z][\w'-]*)")
 _WORD = re.compile(r"[\w']+")
-
-
-def says(text: str, phrase: str) -> bool:
-    """`phrase` occurs in `text` as whole words, any case ("screen" in "my screen!", not in "screensaver")."""
-    return re.search(rf"(?<![\w']){re.escape(phrase.lower())}(?![\w'])", text.lower()) is not None
 
 
 @dataclass
@@ -114,11 +104,31 @@ class Prober:
     def _with_system(self, turns: list[dict]) -> list[dict]:
         return [{"from": "system", "value": self.system_prompt}] + turns
 
+    @property
+    def remembers(self) -> bool:
+        """The model has memory attention: it takes conversations of any length (generate.Decoder)."""
+        return bool(getattr(self.model.cfg, "memory_layers", ()))
+
+    def crop(self, turns: list[dict], max_new_tokens: int) -> list[dict]:
+        """What a chat shows a model without memory attention: the oldest exchanges dropped until the rest
+        and a reply fit the window (chat.fit's rule). A model with memory attention gets everything."""
+        while not self.remembers and len(turns) > 1 and not self.fits(turns, max_new_tokens):
+            turns = turns[2:]
+        return turns
+
     def reply_all(self, conversations: list[list[dict] | None], max_new_tokens: int | None = None) -> list:
         """The generated reply to each conversation ending with a human turn (a generate.Result), or None for
-        one that does not fit the context window together with a full reply (or is None itself)."""
+        one that does not fit the context window together with a full reply (or is None itself). A model with
+        memory attention replies to conversations of any length, one at a time."""
         budget = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         out = [None] * len(conversations)
+        if self.remembers:
+            for i, turns in enumerate(conversations):
+                if turns is not None:
+                    out[i] = generate(self.model, self.tok, self.tok.prompt(self._with_system(turns)),
+                                      max_new_tokens=budget, temperature=0.0, emotions=self.emotions)
+                    self.replies.append(out[i].text)
+            return out
         todo = [i for i, turns in enumerate(conversations) if turns is not None and self.fits(turns, budget)]
         for b in range(0, len(todo), self.batch_size):
             chunk = todo[b:b + self.batch_size]
@@ -184,22 +194,73 @@ def in_context_memory(prober: Prober, gaps: list[int], seed: int) -> dict:
     """Recall of a fact the user told `k` exchanges earlier, for each k in `gaps`; rates overall and by k."""
     rng = random.Random(seed)
     probes, conversations = [], []
-    for kind, (statement, question, values) in USER_FACTS.items():
+    for make in MEMORY_PROBE_FACTS:
         for k in gaps:
-            value = rng.choice(values)
-            probes.append((kind, k, value, values))
-            conversations.append([_human(statement.format(v=value)), _gpt("Got it, I'll remember that!"),
-                                  *_filler(k, rng.randrange(len(FILLER))), _human(question)])
+            fact = make(rng.choice(make("").candidates))
+            probes.append((fact, k))
+            conversations.append(told([fact]) + _filler(k, rng.randrange(len(FILLER)))
+                                 + [_human(fact.test_questions[0])])
     results = []
     answers = prober.reply_all(conversations, min(prober.max_new_tokens, RECALL_TOKENS))
-    for (kind, k, value, values), r in zip(probes, answers):
+    for (fact, k), r in zip(probes, answers):
         if r is None:
-            results.append({"kind": kind, "gap": k, "beyond_window": True})
+            results.append({"kind": fact.kind, "gap": k, "beyond_window": True})
             continue
-        named = [v for v in values if says(r.text, v)]
-        results.append({"kind": kind, "gap": k, "value": value, "reply": r.text, "passed": named == [value]})
+        results.append({"kind": fact.kind, "gap": k, "value": fact.value, "reply": r.text,
+                        "passed": recalled(r.text, fact)})
     out = _rate(results)
     out["by_gap"] = {k: _rate([r for r in results if r["gap"] == k])["rate"] for k in gaps}
+    return out
+
+
+ACK = "Got it, I'll remember that!"
+SCENARIOS = ("in_context", "beyond_window", "wiped")
+
+
+def told(facts: list[Fact]) -> list[dict]:
+    """The exchanges in which the user tells `facts`, each acknowledged with the same scripted reply."""
+    return [t for f in facts for t in (_human(f.statement), _gpt(ACK))]
+
+
+def fact_recall(prober: Prober, facts: list[Fact], scenario: str, seed: int = 0) -> dict:
+    """Recall of `facts` asked with their held-out `test_questions`, one conversation per question:
+
+    - in_context: the facts are told, one unrelated exchange follows, then the question (the ceiling);
+    - beyond_window: the facts are told, then unrelated exchanges until everything from the last statement
+      on fills the window, then the question; a model without memory attention sees what a chat shows it
+      (Prober.crop), so the facts have left its window;
+    - wiped: the question alone, in a fresh conversation (recall from the weights: weight memory).
+    A reply passes when it names the fact's value and no other candidate value (user_facts.recalled).
+    Returns the rate overall and per fact kind, with every reply.
+    """
+    if scenario not in SCENARIOS:
+        raise ValueError(f"scenario must be one of {SCENARIOS}, got {scenario!r}")
+    rng = random.Random(seed)
+    budget = min(prober.max_new_tokens, RECALL_TOKENS)
+    head = told(facts)
+    asked, conversations = [], []
+    for f in facts:
+        for q in f.test_questions:
+            if scenario == "wiped":
+                turns = [_human(q)]
+            else:
+                offset, k = rng.randrange(len(FILLER)), 1
+                while scenario == "beyond_window" and len(prober.tok.prompt(
+                        _filler(k, offset) + [_human(q)])) < prober.model.cfg.block_size:
+                    k += 1
+                turns = prober.crop(head + _filler(k, offset) + [_human(q)], budget)
+            asked.append((f, q))
+            conversations.append(turns)
+    results = []
+    for (f, q), r in zip(asked, prober.reply_all(conversations, budget)):
+        if r is None:
+            results.append({"kind": f.kind, "slot": f.slot, "beyond_window": True})
+            continue
+        results.append({"kind": f.kind, "slot": f.slot, "value": f.value, "question": q, "reply": r.text,
+                        "passed": recalled(r.text, f)})
+    out = _rate(results)
+    out["by_kind"] = {kind: _rate([r for r in results if r["kind"] == kind])["rate"]
+                      for kind in sorted({f.kind for f in facts})}
     return out
 
 
