@@ -27,6 +27,9 @@ def test_repo_params_are_the_schema_defaults(root):
     ({"persona": {"emotions": ["joy", "joy", "neutral"]}}, "params.yaml: persona.emotions: labels must be unique"),
     ({"filter": {"min_words": 10, "max_words": 5}}, "params.yaml: filter.min_words: must be <= max_words"),
     ({"sharegpt": {"weights": {"templates": -1}}}, "params.yaml: sharegpt.weights.templates: must be >= 0"),
+    ({"weight_memory": {"r": 0}}, "params.yaml: weight_memory.r: must be >= 1 (got 0)"),
+    ({"weight_memory": {"replay_share": 1.0}}, "params.yaml: weight_memory.replay_share: must be < 1.0 (got 1.0)"),
+    ({"weight_memory": {"ewc_lamda": 1}}, "params.yaml: weight_memory.ewc_lamda: unknown key"),
 ])
 def test_bad_params_name_the_key(data, message):
     with pytest.raises(ParamsError) as e:

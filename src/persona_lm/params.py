@@ -554,6 +554,25 @@ class Eval(Section):
         return self
 
 
+class WeightMemory(Section):
+    """Weight memory (persona_lm.memory): a fact the user tells is trained into a per-user LoRA adapter, with an
+    EWC penalty (Kirkpatrick et al. 2017) and/or replayed finetune rows keeping what the model already knows."""
+
+    r: int = Field(8, ge=1, description="rank of the memory adapter")
+    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] | None = Field(None, min_length=1, description="module names to adapt; null = the "
+                                             "attention and MLP projections (a base: every linear layer but the head)")
+    steps: int = Field(60, ge=1, description="optimizer steps per memory write")
+    batch_size: int = Field(8, ge=1, description="conversations per step, facts and replayed rows together")
+    lr: float = Field(3e-3, gt=0)
+    ewc_lambda: float = Field(1.0, ge=0, description="weight of the EWC penalty; 1 = the penalty estimates the "
+                              "rise of the finetune loss in nats per token; 0 = off")
+    replay_share: float = Field(0.25, ge=0, lt=1, description="share of each batch drawn from ShareGPT train rows")
+    fisher_examples: int = Field(128, ge=0, description="ShareGPT train conversations train_emotion estimates the "
+                                 "diagonal Fisher on (fisher.safetensors beside the weights); 0 = none written")
+
+
 # ------------------------------------------------------------------------------------------------- root
 
 class Params(Section):
@@ -573,6 +592,7 @@ class Params(Section):
     pretrain: Pretrain = Pretrain()
     finetune: Finetune = Finetune()
     eval: Eval = Eval()
+    weight_memory: WeightMemory = WeightMemory()
 
     @model_validator(mode="after")
     def _fit_labels(self) -> "Params":
