@@ -8,6 +8,9 @@ new user turn is cut from the left, since its end is what the reply answers.
 `run` is the loop around it. On a terminal it shows a `you> ` prompt and the persona's name; when stdin is
 piped, each line is one user turn and each reply is exactly one line on stdout, so the output can be zipped
 with the input. Command feedback and warnings always go to stderr.
+
+With a user's weight memory (persona_lm.memory), `/remember FACT` trains the fact into the model's weights,
+`/memories` lists what it holds and `/forget N|all` unlearns; they last across sessions, per `--user`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from persona_lm.errors import PersonaError
 
 # Everything str.splitlines() breaks on: a piped reply must stay on one line.
 _ONE_LINE = str.maketrans({c: " " for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
-HELP = "commands: /reset  /temp X  /emotion on|off  /quit"
+HELP = "commands: /reset  /temp X  /emotion on|off  /remember FACT  /memories  /forget N|all  /quit"
 
 
 class Chat:
@@ -28,8 +31,9 @@ class Chat:
 
     def __init__(self, model, tokenizer, config: dict, *, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, repetition_penalty: float = 1.1, max_new_tokens: int = 128,
-                 seed: int | None = None, warn=None):
+                 seed: int | None = None, warn=None, memory=None):
         self.model, self.tok = model, tokenizer
+        self.memory = memory  # persona_lm.memory.Memory of the user, or None: memory commands are off
         self.name = config.get("persona") or "assistant"
         self.system = config.get("system_prompt") or ""
         self.emotions = config.get("emotions") or None
@@ -128,9 +132,32 @@ def command(chat: Chat, line: str, state: dict) -> bool:
     elif name == "/emotion" and arg in ("on", "off"):
         state["emotion"] = arg == "on"
         note(f"[emotion {arg}]")
+    elif name in ("/remember", "/memories", "/forget"):
+        memory_command(chat.memory, name, arg)
     else:
         note(f"[unknown command {line!r}; {HELP}]")
     return True
+
+
+def memory_command(memory, name: str, arg: str) -> None:
+    """/remember FACT, /memories, /forget N|all: feedback on stderr; a wrong argument is a message, not an exit."""
+    if memory is None:
+        note(f"[{name}: weight memory is off in this session]")
+        return
+    try:
+        if name == "/remember":
+            if not arg:
+                raise PersonaError("/remember needs the fact, e.g. /remember my dog is called Rex")
+            replaced, report = memory.remember(arg)
+            note(f"[remembered: {arg}{' (replaces: ' + '; '.join(replaced) + ')' if replaced else ''}; "
+                 f"{len(memory.texts)} fact(s) in memory, learnt in {report.seconds:.1f} s]")
+        elif name == "/memories":
+            note("\n".join(f"[{i}] {t}" for i, t in enumerate(memory.texts, 1)) or "[no memories yet]")
+        else:
+            removed = memory.forget(arg or "")
+            note(f"[forgot: {'; '.join(removed)}; {len(memory.texts)} fact(s) left]")
+    except PersonaError as e:
+        note(f"[{e}]")
 
 
 def note(msg: str) -> None:
@@ -181,8 +208,9 @@ def run(chat: Chat, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, inte
     return 0
 
 
-def main(model_dir: str | Path, **sampling) -> int:
-    """Load the model folder and chat; PersonaError (no folder, bad files) is reported by the CLI."""
+def main(model_dir: str | Path, user: str | None = None, memory_dir: str | Path | None = "memory", **sampling) -> int:
+    """Load the model folder and chat as `user` (default: the OS user), with that user's weight memory from
+    `memory_dir` (None: memory off); PersonaError (no folder, bad files) is reported by the CLI."""
     import torch
 
     from persona_lm.train.checkpoint import load_model
@@ -193,4 +221,10 @@ def main(model_dir: str | Path, **sampling) -> int:
         raise PersonaError(f"--max-new-tokens must be at least 1, got {sampling['max_new_tokens']}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok, config = load_model(Path(model_dir), device=device)
-    return run(Chat(model, tok, config, **sampling))
+    memory = None
+    if memory_dir is not None:
+        from persona_lm.memory import Memory, load_config
+
+        memory = Memory(model, tok, config, Path(model_dir), load_config(), Path(memory_dir), user, say=note)
+        memory.start()
+    return run(Chat(model, tok, config, memory=memory, **sampling))

@@ -63,8 +63,30 @@ def _messages(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from persona_lm.chat import main as chat
 
-    return chat(args.model, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    return chat(args.model, user=args.user, memory_dir=args.memory, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                seed=args.seed)
+
+
+def _remember(args: argparse.Namespace) -> int:
+    """Teach one fact to a user's weight memory: the model learns it now, and chat and serve recall it later."""
+    from pathlib import Path
+
+    import torch
+
+    from persona_lm.memory import Memory, load_config
+    from persona_lm.train.checkpoint import load_model
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    model, tok, config = load_model(Path(args.model), device="cuda" if torch.cuda.is_available() else "cpu")
+    memory = Memory(model, tok, config, Path(args.model), load_config(), Path(args.memory), args.user, say=say)
+    replaced, report = memory.remember(args.fact)
+    say(f"remembered for {memory.user}: {' '.join(args.fact.split())}"
+        + (f" (replaces: {'; '.join(replaced)})" if replaced else "")
+        + f"; {len(memory.texts)} fact(s) in memory, learnt in {report.seconds:.1f} s")
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -88,7 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise PersonaError(f"{name} must be at least {low}, got {value}")
     if args.max_new_tokens > args.max_tokens_limit:
         raise PersonaError(f"--max-new-tokens ({args.max_new_tokens}) exceeds --max-tokens-limit ({args.max_tokens_limit})")
-    return serve(args.model, host=args.host, port=args.port, limits=limits, sampling=sampling)
+    return serve(args.model, host=args.host, port=args.port, limits=limits, sampling=sampling, memory_dir=args.memory)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +119,12 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--repetition-penalty", type=float, default=1.1)
+
+
+def _memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--user", default=None, help="whose memory (default: your OS user name)")
+    p.add_argument("--memory", default="memory", metavar="DIR", help="the private folder memories are kept in "
+                   "(default: memory)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=None)
+    _memory_args(p)
     p.set_defaults(func=_chat)
+
+    p = sub.add_parser("remember", help="teach a fact to a user's weight memory (a LoRA adapter, no database)")
+    p.add_argument("fact", help='what to remember, in your words: "my dog is called Rex"')
+    p.add_argument("--model", default="models/final", help="model folder (default: models/final)")
+    _memory_args(p)
+    p.set_defaults(func=_remember)
 
     p = sub.add_parser("serve", help="OpenAI-compatible API and web chat page for a model folder")
     _sampling_args(p)
@@ -146,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="the largest max_tokens a request may ask for")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--max-open", type=int, default=64, help="requests open at once; more get 429")
+    p.add_argument("--memory", default=None, metavar="DIR", help="apply the weight memory of each request's `user` "
+                   "from this folder (default: off)")
     p.set_defaults(func=_serve)
     return parser
 

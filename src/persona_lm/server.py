@@ -8,6 +8,9 @@ The model runs on one worker thread (`Engine`) that serves every open request in
 so concurrent streams advance together and the event loop never blocks on torch. Requests are bounded (body
 size, message count, max_tokens, open requests) and every error is JSON in OpenAI's shape:
 `{"error": {"message", "type", "param", "code"}}`.
+
+With `--memory DIR`, a request's OpenAI `user` field selects that user's weight memory (persona_lm.memory): the
+engine switches to the user's adapter before each step of their reply, so interleaved users never share one.
 """
 
 from __future__ import annotations
@@ -68,8 +71,9 @@ class APIError(Exception):
 class Job:
     """One request's generation, as seen from both sides: the worker pushes events, the handler awaits them."""
 
-    def __init__(self, generation, loop: asyncio.AbstractEventLoop):
+    def __init__(self, generation, loop: asyncio.AbstractEventLoop, switch=None):
         self.generation, self.loop = generation, loop
+        self.switch = switch  # called on the worker before each step: puts the request's user memory in place
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
         self.it = None
@@ -92,13 +96,13 @@ class Engine:
         self.thread = threading.Thread(target=self._run, name="persona-lm-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, generation) -> Job:
+    def submit(self, generation, switch=None) -> Job:
         with self.lock:
             if self.open >= self.max_open:
                 raise APIError(429, f"the server is busy ({self.open} requests open, limit {self.max_open}); "
                                "retry later", type_="rate_limit_error", code="server_busy")
             self.open += 1
-        job = Job(generation, asyncio.get_running_loop())
+        job = Job(generation, asyncio.get_running_loop(), switch)
         self.inbox.put(job)
         return job
 
@@ -131,6 +135,8 @@ class Engine:
                     self._finish(active, job)
                     continue
                 try:
+                    if job.switch is not None:
+                        job.switch()
                     delta = next(job.it)
                 except StopIteration:
                     self._finish(active, job, "done", job.generation.result)
@@ -175,6 +181,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
+    user: str | None = Field(None, max_length=256)  # whose weight memory applies (with --memory)
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
 
@@ -241,8 +248,9 @@ def page() -> str:
     return resources.files("persona_lm").joinpath("web/index.html").read_text(encoding="utf-8")
 
 
-def create_app(model, tok, config: dict, *, limits: Limits = Limits(), sampling: Sampling = Sampling()):
-    """The ASGI app for one loaded model. The engine thread starts with the app and stops with it."""
+def create_app(model, tok, config: dict, *, limits: Limits = Limits(), sampling: Sampling = Sampling(), memory=None):
+    """The ASGI app for one loaded model. The engine thread starts with the app and stops with it. `memory`: a
+    persona_lm.memory.Bank applying each request's `user` memory, or None (the `user` field is ignored)."""
     persona = config.get("persona") or "assistant"
     model_id = persona.lower().replace(" ", "-")
     emotions = config.get("emotions") or None
@@ -337,7 +345,7 @@ def create_app(model, tok, config: dict, *, limits: Limits = Limits(), sampling:
                          top_k=sampling.top_k, top_p=sampling.top_p if req.top_p is None else req.top_p,
                          repetition_penalty=sampling.repetition_penalty, seed=req.seed, ignore_end=req.ignore_eos)
         engine: Engine = state["engine"]
-        job = engine.submit(gen)
+        job = engine.submit(gen, memory.switcher(req.user) if memory is not None else None)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -395,7 +403,7 @@ async def _sse(job: Job, rid: str, created: int, model_id: str, include_usage: b
 
 
 def main(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
-         sampling: Sampling = Sampling()) -> int:
+         sampling: Sampling = Sampling(), memory_dir: str | Path | None = None) -> int:
     """Load the model folder and serve until interrupted. Binds the socket first so the printed URL is the
     real one (port 0 picks a free port: tests use it)."""
     import torch
@@ -405,7 +413,12 @@ def main(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, limit
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok, config = load_model(Path(model_dir), device=device)
-    app = create_app(model, tok, config, limits=limits, sampling=sampling)
+    bank = None
+    if memory_dir is not None:
+        from persona_lm.memory import Bank
+
+        bank = Bank(model, Path(model_dir), Path(memory_dir), say=lambda m: print(m, file=sys.stderr, flush=True))
+    app = create_app(model, tok, config, limits=limits, sampling=sampling, memory=bank)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}: anyone who can reach this machine can talk to the model",
               file=sys.stderr)
