@@ -56,6 +56,7 @@ def main(p: Params) -> None:
     details = {
         "probes": {name: r["n"] for name, r in probed.items()},
         **{f"memory_gap_{k}": _round(v) for k, v in probed["in_context_memory"]["by_gap"].items()},
+        "memory_beyond_window": _round(probed["beyond_window"]["rate"]),
         "repetitive": _round(rep["repetitive"]),
         "copied": _round(rep["copied"]),
         "distinct_1": round(evaluation.distinct_n([s["reply"] for s in sampled], 1), 4),

@@ -28,6 +28,7 @@ def test_probe_metrics_are_rates_with_their_counts(project):
     d = json.loads((project / "reports/eval/details.json").read_text())
     assert d["probes"]["identity"] == 24 and d["probes"]["emotion_fit"] > 0
     assert set(k for k in d if k.startswith("memory_gap_")) == {"memory_gap_1", "memory_gap_3"}
+    assert d["probes"]["beyond_window"] == 2 * 5 and 0 <= d["memory_beyond_window"] <= 1
     assert 0 <= d["repetitive"] <= 1 and 0 <= d["copied"] <= 1
     samples = json.loads((project / "reports/eval/samples.json").read_text())
     assert len(samples["identity"]) == 24 and {"samples", "self_consistency", "in_context_memory"} <= samples.keys()
@@ -40,5 +41,5 @@ def test_evaluate_logs_progress_and_reproduces_its_metrics(project):
     proc = stage(project, "evaluate")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "evaluate 1/6: bits per byte" in proc.stderr and "evaluate 6/6: done in" in proc.stderr
-    assert "probes 1/4 identity" in proc.stderr
+    assert "probes 1/5 identity" in proc.stderr and "probes 5/5 emotion_fit" in proc.stderr
     assert (project / "reports/eval.json").read_text() == before

@@ -541,6 +541,8 @@ class Eval(Section):
     emotion_fit: list[EmotionFit] = Field(default_factory=_default_emotion_fit)
     memory_gaps: list[int] = Field(default_factory=lambda: [1, 3, 6], min_length=1,
                                    description="turns between a user's fact and the question about it")
+    recall_facts: int = Field(5, ge=1, le=21, description="facts told, then pushed beyond the window and asked "
+                                                           "back (the memory benchmark's beyond_window scenario)")
     repeat_ngram: int = Field(4, ge=2, description="a reply repeating a word n-gram of this size counts as repetitive")
     emotion_benchmarks: list[EmotionBenchmark] = Field(default_factory=list, description="public emotion data the "
                                                        "head is scored on next to two baselines (persona_lm.emotion_bench)")

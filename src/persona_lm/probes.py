@@ -29,7 +29,7 @@ from functools import partial
 
 from persona_lm.data.sharegpt import normalise
 from persona_lm.generate import generate, generate_batch
-from persona_lm.user_facts import Fact, name_fact, pet_fact, plan_fact, recalled, says
+from persona_lm.user_facts import Fact, make_facts, name_fact, pet_fact, plan_fact, recalled, says
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +300,8 @@ def run_all(prober: Prober, p, train_replies: set[str]) -> dict:
     steps = [("identity", lambda: identity(prober, p.persona)),
              ("self_consistency", lambda: self_consistency(prober, p.persona)),
              ("in_context_memory", lambda: in_context_memory(prober, p.eval.memory_gaps, p.seed)),
+             ("beyond_window", lambda: fact_recall(prober, make_facts(p.eval.recall_facts, p.seed), "beyond_window",
+                                                   p.seed)),
              ("emotion_fit", lambda: emotion_fit(prober, p.eval.emotion_fit))]
     for i, (name, fn) in enumerate(steps, 1):
         t0 = time.perf_counter()

@@ -109,8 +109,10 @@ def _probes(probed: dict) -> list[str]:
                 what = f"**{x['prompt']}** → {x['reply']!r}"
             elif "replies" in x:
                 what = f"**{x['fact']}** asked twice → {x['replies'][0]!r} / {x['replies'][1]!r}"
-            else:
+            elif "gap" in x:
                 what = f"**{x['kind']}** {x['value']!r}, asked {x['gap']} turn(s) later → {x['reply']!r}"
+            else:
+                what = f"**{x['kind']}** {x['value']!r}, asked {x['question']!r} → {x['reply']!r}"
             if "emotion" in x:
                 what += f" *({x['emotion']}; fits {', '.join(x['fits'])})*"
             lines.append(f"- {mark} {what}")
