@@ -37,22 +37,23 @@ def tiny(family="gpt2", block_size=16, **kw):
     with torch.no_grad():  # spread the logits so greedy choices are far from ties
         nn.init.normal_(model.wte.weight, std=0.5)
         nn.init.normal_(model.lm_head.weight, std=0.5)
+        for block in model.blocks:  # heads that weigh memory differently
+            if "memory_bias" in block.attn._parameters:
+                nn.init.normal_(block.attn.memory_bias, std=1.0)
     return model
 
 
 def without_memory(model):
     plain = GPT(GPTConfig.from_dict({**model.cfg.to_dict(), "memory_layers": ()})).eval()
-    plain.load_state_dict(model.state_dict())
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "memory_bias" not in k})
     return plain
 
 
 def positions(model, ids):
-    """Logits (len(ids) - 1, vocab) of every position, each read from the training window that targets it."""
+    """Logits (len(ids) - 1, vocab) of every position as training computes them: windows read in order."""
     batch = collate_windows([(ids, [1] * len(ids), 0)], model.cfg.block_size, 0)
     with torch.no_grad():
-        logits = model(batch["x"])[0][0]
-    targeted = batch["y"][0] != IGNORE
-    return logits[targeted]  # windows in order, positions in order within each: position order overall
+        return model(batch["x"])[0][0, :len(ids) - 1]
 
 
 def test_compress_pools_consecutive_positions_oldest_first():
@@ -75,7 +76,7 @@ def test_one_window_is_the_plain_model(family):
     x = torch.randint(0, 64, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(model(x)[0], without_memory(model)(x)[0], rtol=0, atol=0)
-        torch.testing.assert_close(model(x.unsqueeze(1))[0][:, 0], model(x)[0], rtol=0, atol=0)
+        torch.testing.assert_close(model(x.unsqueeze(1))[0], model(x)[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -104,6 +105,21 @@ def test_memory_carries_tokens_that_left_the_window(family):
     later = slice(16, 16 + stride)  # the positions the second window predicts
     assert not torch.allclose(positions(model, ids)[later], positions(model, changed)[later])
     assert torch.equal(positions(plain, ids)[later], positions(plain, changed)[later])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_memory_bias_weighs_memory_on_both_paths(family):
+    """A memory bias of -inf hides memory: training windows and the cached decode then compute what the model
+    without memory computes (which drops what leaves the window)."""
+    model = tiny(family, **MEMORY)
+    plain = without_memory(model)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.memory_bias.fill_(float("-inf"))
+    ids = torch.randint(0, 64, (50,), generator=torch.Generator().manual_seed(5)).tolist()
+    torch.testing.assert_close(positions(model, ids), positions(plain, ids))
+    kw = dict(max_new_tokens=40, temperature=0)
+    assert list(Decoder(model, ids[:10], **kw)) == list(Decoder(plain, ids[:10], **kw))
 
 
 def reference_greedy(model, prompt, n):
@@ -163,19 +179,22 @@ def test_memory_off_keeps_the_prompt_limit():
     assert len(list(Decoder(tiny("gpt2", **MEMORY), list(range(40)), max_new_tokens=3))) == 3
 
 
-def test_windows_cover_each_target_once():
+def test_windows_step_as_the_decoder_rewindows():
     ids = list(range(1, 41))  # 39 targets
     mask = [0] * 10 + [1] * 30
     batch = collate_windows([(ids, mask, 1), (ids[:12], mask[:12], 0)], 16, 0)
     stride = window_stride(16)
     K = batch["x"].shape[1]
-    assert batch["x"].shape == batch["y"].shape == (2, K, 16) and K == 1 + -(-(39 - 16) // stride)
+    assert batch["x"].shape == (2, K, 16) and K == 1 + -(-(39 - 16) // stride)
     for k in range(K):
         assert batch["x"][0, k].tolist() == (ids[:-1] + [0] * 99)[k * stride:k * stride + 16]
-    targets = batch["y"][0][batch["y"][0] != IGNORE].tolist()
-    assert targets == ids[10:]  # each masked-in target once, in order
-    assert (batch["y"][1, 1:] == IGNORE).all()  # a short row's later windows are padding
+    assert batch["y"].shape == (2, (K - 1) * stride + 16)
+    assert batch["y"][0, :39].tolist() == [IGNORE] * 9 + ids[10:]  # each target once, in order
+    assert (batch["y"][0, 39:] == IGNORE).all() and (batch["y"][1, 11:] == IGNORE).all()  # padding
     assert batch["persona"].tolist() == [1, 0]
+    model = tiny("gpt2", **MEMORY)
+    with torch.no_grad():
+        assert model(batch["x"])[0].shape == (2, batch["y"].shape[1], 64)
 
 
 LINES = ["Hello there, how are you today?", "I am fine, thank you.", "What a lovely day for a walk in the park.",
@@ -206,14 +225,15 @@ def turns(tok, ids):
 
 
 def test_long_dialogues_ask_after_the_facts_left_the_window(tok):
-    """Each fact is told, then asked with a training question and answered only where the window no longer holds
-    the telling; fillers come from one persona's rows; the held-out test questions never appear."""
-    p = memory_params(episodes=2)
+    """Each fact is told, then asked with a training question and answered where the window no longer holds the
+    telling; one per episode is also asked at once; fillers come from one persona's rows; the held-out test
+    questions never appear."""
+    p = memory_params(episodes=2, facts=2)
     dialogues = phase.memory_dialogues(p, tok, rows(), 6, seed=5)
     assert len(dialogues) == 6 and dialogues != phase.memory_dialogues(p, tok, rows(), 6, seed=6)
     stride = window_stride(64)
     for ids, mask, persona in dialogues:
-        told, answers, fillers = {}, 0, set()
+        told, far, near, fillers = {}, 0, 0, set()
         parsed = turns(tok, ids)
         for n, (role, text, first, last) in enumerate(parsed):
             fact = parse_fact(text) if role == "human" else None
@@ -226,11 +246,14 @@ def test_long_dialogues_ask_after_the_facts_left_the_window(tok):
                 assert text not in fact.test_questions
                 _, reply, a, b = parsed[n + 1]
                 assert reply == fact.answer and all(mask[a + 1:b + 1])
+                if parse_fact(parsed[n - 2][1]):  # asked at once, right after the telling
+                    near += 1
+                    continue
                 for t in range(a + 1, b + 1):  # every answer token is predicted by a window past the telling
                     k = max(0, -(-(t - 64) // stride))  # the window whose new positions hold target t
                     assert k * stride > end
-                answers += 1
-        assert len(told) == answers == 4  # 2 episodes of 2 facts, all distinct
+                far += 1
+        assert len(told) == far == 4 and near == 2  # 2 episodes of 2 facts, all distinct, one asked at once each
         assert fillers == {persona}
 
 

@@ -64,10 +64,10 @@ class KVCache:
 
 class MemoryKVCache(KVCache):
     """A KV cache whose memory layers also hold the compressed memory: the slots sit in front of the window in
-    the same buffer, so attention stays one call over [memory ; window] and the attention layers treat the
-    slots as past positions. `push(n)` compresses the window's oldest n positions into the slots and empties
-    the window (the caller re-prefills what it keeps). `rope`: the model's (cos, sin) tables, to take the
-    rotation off the cached keys before pooling (memory keys carry none; see model.py)."""
+    the same buffer, so attention stays one call over [memory ; window]. The model passes the cache as its
+    `memory` too: `attend` adds the memory bias (model.memory_mask). `push(n)` compresses the window's oldest n
+    positions into the slots and empties the window (the caller re-prefills what it keeps). `rope`: the model's
+    (cos, sin) tables, to take the rotation off the cached keys before pooling (memory keys carry none)."""
 
     def __init__(self, cfg, batch_size: int = 1, device=None, dtype=torch.float32, rope=None):
         super().__init__(cfg, batch_size, device, dtype)
@@ -86,6 +86,18 @@ class MemoryKVCache(KVCache):
         buf = self.kv[layer]
         buf.narrow(2, off + start, T).copy_(kv)
         return buf.narrow(2, 0, off + start + T)
+
+    def attend(self, layer: int, fresh: torch.Tensor, kv: torch.Tensor, mask, bias: torch.Tensor):
+        """(kv, mask) for attention at `layer`: the cached [memory ; window] view as it is, the mask with the
+        memory bias on the slots (see model.Memory.attend, the uncached counterpart)."""
+        if not self.held or layer not in self.layers:
+            return kv, mask
+        from persona_lm.model import memory_mask
+
+        S = kv.shape[2] - self.held
+        if mask is not None:
+            mask = mask[..., self.held:]  # the attention layer built it over slots and window alike
+        return kv, memory_mask(bias, self.held, mask, fresh.shape[2], S, kv.dtype)
 
     def push(self, n: int) -> None:
         from persona_lm.model import apply_rope, remember
@@ -184,7 +196,9 @@ class Decoder:
             self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.persona = None if persona is None else torch.tensor([persona], device=self.device)
         self.cache = model.new_cache(1, self.device, p.dtype) if use_cache else None
-        self.memory = None  # uncached with memory attention: the model.Memory the windows attend to
+        self.memory = None  # with memory attention: the cache (a MemoryKVCache), or uncached a model.Memory
+        if self.remembers and use_cache:
+            self.memory = self.cache
         self.ids = torch.empty(1, len(prompt) + max_new_tokens, dtype=torch.long, device=self.device)
         self.ids[0, :len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
         self.keep = max(1, block // 2)
@@ -201,7 +215,7 @@ class Decoder:
             if self.memory is None:
                 h = self.model.hidden(idx, self.persona, self.cache)
             else:
-                h = self.model.hidden(idx, self.persona, memory=self.memory)
+                h = self.model.hidden(idx, self.persona, self.cache, memory=self.memory)
         finally:
             torch.backends.mkldnn.enabled = onednn
         self.last_hidden = h[:, -1]
@@ -210,7 +224,7 @@ class Decoder:
     def _leave(self, n: int) -> None:
         """The window's oldest n tokens leave it: into memory (the cache then starts a new window), or gone."""
         if self.remembers:
-            (self.cache if self.cache is not None else self.memory).push(n)
+            self.memory.push(n)
         elif self.cache is not None:
             self.cache.reset()
 

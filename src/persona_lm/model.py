@@ -12,8 +12,11 @@ keys and values of the tokens that leave it are mean-pooled over `memory_compres
 (the paper's simplest compression function, no parameters) into up to `memory_slots` slots per memory layer,
 oldest dropped first, and those layers attend to [memory ; window]: memory fully visible (it is all in the
 past), the window causal. Memory keys are pooled before RoPE and get no rotation (they sit at the window's
-first position); with learned positions they keep the embedding of the position they had. Training carries
-memory across windows without gradient through it, as Transformer-XL does (Dai et al. 2019).
+first position); with learned positions they keep the embedding of the position they had, so a head that
+finds its key by position would find a memory slot from that position too. Each memory layer therefore adds a
+learned bias per head to its memory logits (`memory_bias`, starting at MEMORY_BIAS: memory barely seen, as
+ALiBi's distance penalty sees far tokens (Press et al. 2022)), which training raises where memory pays off.
+Training carries memory across windows without gradient through it, as Transformer-XL does (Dai et al. 2019).
 """
 
 from __future__ import annotations
@@ -107,6 +110,9 @@ def linear(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return x @ w.t() if p["bias"] is None else F.linear(x, w, p["bias"])
 
 
+MEMORY_BIAS = -4.0  # initial memory logit bias: exp(-4) ~ 1/55 of the weight of an equal-scoring window key
+
+
 def window_stride(block_size: int) -> int:
     """Tokens that leave a full window when the next one arrives: the decoder then keeps the newest
     block_size // 2 and re-prefills them (generate.Decoder), so block_size + 1 - block_size // 2 leave. Training
@@ -124,6 +130,20 @@ def compress(kv: torch.Tensor, rate: int) -> torch.Tensor:
     counts = torch.full((n, 1), float(rate), device=kv.device, dtype=kv.dtype)
     counts[-1] = rate - short
     return sums / counts
+
+
+def memory_mask(bias: torch.Tensor, n_slots: int, window: torch.Tensor | None, T: int, S: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask (1 or B, n_head, T, n_slots + S) over [memory ; window of S keys]: `bias` (n_head,)
+    on every memory slot, 0 where `window` (bool, (T, S) or (B, 1, T, S); None = all) allows, -inf elsewhere."""
+    if window is None:
+        window = torch.zeros(1, 1, T, S, dtype=dtype, device=bias.device)
+    else:
+        window = torch.zeros(window.shape, dtype=dtype, device=bias.device).masked_fill(~window, float("-inf"))
+        window = window.view(-1, 1, T, S) if window.dim() == 2 else window
+    heads = bias.to(dtype).view(1, -1, 1, 1)
+    mem = heads.expand(window.shape[0], -1, T, n_slots)
+    return torch.cat([mem, window.expand(-1, heads.shape[1], -1, -1)], dim=-1)
 
 
 def remember(slots: torch.Tensor | None, leaving: torch.Tensor, rate: int, n_slots: int) -> torch.Tensor:
@@ -147,20 +167,19 @@ class Memory:
         self.slots: dict[int, torch.Tensor] = {}
         self.window: dict[int, torch.Tensor] = {}
 
-    def attend(self, layer: int, fresh: torch.Tensor, kv: torch.Tensor, mask):
-        """Record the window's `fresh` keys/values; return (keys/values to attend to, mask): [memory ; kv],
-        memory visible to every query, `mask` (or the causal rule) over the window."""
+    def attend(self, layer: int, fresh: torch.Tensor, kv: torch.Tensor, mask, bias: torch.Tensor):
+        """Record the window's `fresh` keys/values; return (keys/values to attend to, mask): [memory ; kv], memory
+        visible to every query with the layer's `bias` (n_head,), `mask` (or the causal rule) over the window."""
         if layer not in self.layers:
             return kv, mask
         self.window[layer] = fresh.detach()
         slots = self.slots.get(layer)
         if slots is None:
             return kv, mask
-        T, m = kv.shape[2], slots.shape[2]
+        T = kv.shape[2]
         if mask is None:
-            mask = torch.ones(T, m + T, dtype=torch.bool, device=kv.device).tril(diagonal=m)
-        else:
-            mask = torch.cat([mask.new_ones(*mask.shape[:-1], m), mask], dim=-1)
+            mask = torch.ones(T, T, dtype=torch.bool, device=kv.device).tril()
+        mask = memory_mask(bias, slots.shape[2], mask, T, T, kv.dtype)
         return torch.cat([slots.to(kv.dtype), kv], dim=2), mask
 
     def push(self, n: int) -> None:
@@ -189,10 +208,18 @@ class Attention(nn.Module):
         kv = cfg.n_kv_head * cfg.head_dim
         self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        if layer in cfg.memory_layers:
+            self.add_memory()
+
+    def add_memory(self) -> None:
+        """The learned per-head bias on memory logits (see the module docstring)."""
+        if "memory_bias" not in self._parameters:
+            self.memory_bias = nn.Parameter(torch.full((self.cfg.n_head,), MEMORY_BIAS))
 
     def forward(self, x, B: int, T: int, rope=None, cache=None, mask=None, memory=None):
         """x: (B*T, n_embd) -> (B*T, n_embd), before the residual add. `mask` (B, 1, T, keys) bool, when given,
-        replaces the causal rule (a left-padded batch, see GPT.hidden). `memory` (Memory): attend to it too."""
+        replaces the causal rule (a left-padded batch, see GPT.hidden). `memory` (Memory, or the MemoryKVCache
+        that is `cache`): attend to it too."""
         cfg = self.cfg
         # one view for all heads, then split: q and the keys+values as (B, heads, T, head_dim); the keys and
         # values stay one tensor so that the cache stores them with a single copy
@@ -214,7 +241,7 @@ class Attention(nn.Module):
                 if T > 1 and mask is None:  # a new chunk on a filled cache: causal within it, full over the past
                     mask = torch.ones(T, kv.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start)
         if memory is not None:
-            kv, mask = memory.attend(self.layer, fresh, kv, mask)
+            kv, mask = memory.attend(self.layer, fresh, kv, mask, self._parameters.get("memory_bias"))
         k, v = kv.split_with_sizes([cfg.n_kv_head, cfg.n_kv_head], 1)
         # enable_gqa shares each k/v head with n_head/n_kv_head query heads without copying k and v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
@@ -307,6 +334,14 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
+    def set_memory(self, memory_layers: tuple[int, ...], memory_compression: int, memory_slots: int) -> None:
+        """Turn memory attention on (or off: no layers) for a built model, e.g. phase 3 on a model trained without
+        it; layers that gain memory get a fresh memory bias (MEMORY_BIAS), those that keep it keep theirs."""
+        self.cfg.memory_layers = tuple(memory_layers)
+        self.cfg.memory_compression, self.cfg.memory_slots = memory_compression, memory_slots
+        for i in self.cfg.memory_layers:
+            self.blocks[i].attn.add_memory()
+
     def new_cache(self, batch_size: int = 1, device=None, dtype=torch.float32):
         """An empty KV cache for `generate` (see generate.KVCache); with memory attention one that also holds
         the memory slots (generate.MemoryKVCache)."""
@@ -320,7 +355,8 @@ class GPT(nn.Module):
     def hidden(self, idx: torch.Tensor, persona: torch.Tensor | None = None, cache=None,
                pad: torch.Tensor | None = None, memory: Memory | None = None) -> torch.Tensor:
         """Final normalised hidden states (B, T, n_embd). `cache` (see generate.KVCache) enables decoding;
-        `memory` (uncached) makes the memory layers attend to it and record this window for `memory.push`.
+        `memory` makes the memory layers attend to it: a Memory (uncached; the layers record this window for
+        `memory.push`), or the cache itself when that is a generate.MemoryKVCache.
 
         `pad` (B,) long: rows of a batch left-padded to one length hold that many padding tokens first. Each
         row's positions then count from its first real token and no position attends to padding, so a row
@@ -361,7 +397,8 @@ class GPT(nn.Module):
     def forward(self, idx, persona=None, cache=None, emotion_index=None):
         """Next-token logits for every position, and emotion logits at `emotion_index` (B,) when given.
 
-        `idx` (B, K, T): K consecutive windows of long sequences (see `windows`), logits (B, K, T, vocab).
+        `idx` (B, K, block_size): K consecutive windows of long sequences, logits of each position once (see
+        `windows`).
         Losses are computed by the caller (train.loop), which knows how to normalise them across
         micro-batches; going through forward() keeps DDP's gradient hooks in the path.
         """
@@ -376,16 +413,20 @@ class GPT(nn.Module):
         return logits, self.emotion_head(h[torch.arange(h.shape[0], device=h.device), emotion_index])
 
     def windows(self, idx: torch.Tensor, persona: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, K, T, vocab) of K windows processed in order, window k starting window_stride(block_size)
-        tokens after window k-1 (their overlap is predicted twice; the caller masks one copy), the oldest
-        window_stride tokens of each compressed into memory before the next, as generate.Decoder does."""
+        """Logits (B, L, vocab) of the L = (K - 1) * stride + block_size positions that K windows (B, K, block_size)
+        cover, window k starting stride = window_stride(block_size) tokens after window k-1, read in order with the
+        oldest stride tokens of each compressed into memory before the next, as generate.Decoder re-windows. Each
+        position's logits come from the first window that predicts it: window 0 all, then each window its last
+        stride positions (the others it holds again as context)."""
+        block, stride = self.cfg.block_size, window_stride(self.cfg.block_size)
         memory = Memory(self.cfg)
         out = []
         for k in range(idx.shape[1]):
             if k:
-                memory.push(window_stride(self.cfg.block_size))
-            out.append(linear(self.lm_head, self.hidden(idx[:, k], persona, memory=memory)))
-        return torch.stack(out, dim=1)
+                memory.push(stride)
+            h = self.hidden(idx[:, k], persona, memory=memory)
+            out.append(linear(self.lm_head, h if k == 0 else h[:, block - stride:]))
+        return torch.cat(out, dim=1)
 
     def param_counts(self) -> dict[str, int]:
         """Parameters per component (tied weights counted once), for the metrics."""

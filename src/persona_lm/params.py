@@ -349,9 +349,11 @@ class MemoryAttention(Section):
     compression: int = Field(4, ge=1, description="consecutive tokens mean-pooled into one memory slot")
     slots: int = Field(128, ge=1, description="memory slots per layer; the oldest are dropped first")
     share: float = Field(0.5, gt=0, le=1, description="phase 3: share of the training batches that are long dialogues")
+    batch_size: int = Field(8, ge=1, description="phase 3: long dialogues per batch (each is several windows)")
     dialogues: int = Field(2000, ge=1, description="phase 3: long dialogues built from ShareGPT train rows and user facts")
-    episodes: int = Field(2, ge=1, description="per long dialogue: facts told, unrelated turns past the window, "
+    episodes: int = Field(1, ge=1, description="per long dialogue: facts told, unrelated turns past the window, "
                           "then questions about them")
+    facts: int = Field(3, ge=1, le=21, description="facts told per episode (distinct within a dialogue)")
 
 
 class Model(Section):

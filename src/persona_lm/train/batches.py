@@ -170,10 +170,9 @@ class MemoryBatches:
 
 
 def collate_windows(examples, block_size: int, pad_id: int) -> dict:
-    """(ids, mask, persona) sequences -> inputs and targets (B, K, block_size): K windows window_stride apart,
-    as generate.Decoder re-windows a long conversation (GPT.windows reads them in order). A position two windows
-    overlap on is a target in the first only, so each token is learned once; windows past a row's end are
-    padding with no targets."""
+    """(ids, mask, persona) sequences -> inputs (B, K, block_size): K windows window_stride apart, as
+    generate.Decoder re-windows a long conversation, and targets (B, L) for the L positions they cover, in order
+    (GPT.windows gives one set of logits per position). Rows are right-padded; padding has no targets."""
     stride = window_stride(block_size)
     n = max(len(ids) for ids, _, _ in examples) - 1
     K = 1 + max(0, -(-(n - block_size) // stride))
@@ -181,7 +180,5 @@ def collate_windows(examples, block_size: int, pad_id: int) -> dict:
     width = (K - 1) * stride + block_size
     x = torch.nn.functional.pad(x, (0, width - x.shape[1]), value=pad_id)
     y = torch.nn.functional.pad(y, (0, width - y.shape[1]), value=IGNORE)
-    idx = torch.arange(K)[:, None] * stride + torch.arange(block_size)
-    x, y = x[:, idx], y[:, idx].clone()
-    y[:, 1:, :block_size - stride] = IGNORE
+    x = x[:, torch.arange(K)[:, None] * stride + torch.arange(block_size)]
     return {"x": x, "y": y, "persona": torch.tensor([persona for _, _, persona in examples])}

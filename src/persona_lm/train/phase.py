@@ -245,12 +245,14 @@ def load_phase_model(path: Path, p: Params, phase: str) -> tuple[torch.nn.Module
     check_memory(p)
     model, tok, config = checkpoint.load_model(path, merge=False, trainable=True)
     if isinstance(model, GPT):
-        for key, value in memory_config(p).items():
-            setattr(model.cfg, key, value)
+        model.set_memory(**memory_config(p))
     if config.get("emotions") != p.persona.emotions:
         raise PersonaError(f"{path} was trained with emotions {config.get('emotions')}, params say "
                            f"{p.persona.emotions}: rerun the pipeline from pretrain")
     lora.apply(model, p, phase, p.seed)
+    for name, param in model.named_parameters():
+        if name.endswith("memory_bias"):  # memory attention's own weights train with adapters too
+            param.requires_grad_(True)
     model.train()
     model.emotion_head.requires_grad_(phase == "emotion")
     torch.manual_seed(p.seed)  # dropout draws start from the seed, whatever loading the model drew before
@@ -262,42 +264,54 @@ ACKNOWLEDGEMENTS = ("Got it!", "Oh, nice!", "I'll remember that.", "Thanks for t
                     "Ooh, I like that.", "Noted! *scribbles on a tiny notepad*")
 
 
-def memory_dialogues(p: Params, tok: ChatTokenizer, rows: list[dict], n: int, seed: int) -> list[tuple[list[int], list[int], int]]:
+def memory_dialogues(p: Params, tok: ChatTokenizer, rows: list[dict], n: int,
+                     seed: int) -> list[tuple[list[int], list[int], int]]:
     """`n` long multi-turn dialogues that need memory, as (ids, mask, persona): the system prompt, then
-    `model.memory.episodes` times: the user tells two facts (user_facts.make_facts, each with a short
-    acknowledgement), ShareGPT conversations of one persona follow until at least block_size tokens have passed
-    (so the facts have left the window), then the user asks about both, with a training question (never a
-    test_question: those are the benchmark's held-out paraphrases) and the reply gives the fact's answer.
-    Facts are distinct within a dialogue. Loss on assistant tokens, as in finetune."""
+    `model.memory.episodes` times: the user tells `model.memory.facts` facts (user_facts.make_facts, each with a
+    short acknowledgement) and asks about one of them at once (in the window: the same skill without memory),
+    exchanges (a user turn and its reply) from ShareGPT conversations of one persona follow until at least
+    block_size tokens have passed (so the facts have left the window), then the user asks about each. Questions
+    are training questions (never a test_question: those are the benchmark's held-out paraphrases), replies the
+    fact's answer.
+    Facts are distinct within a dialogue (at most the 21 slots of user_facts). Loss on assistant tokens, as in
+    finetune."""
     block = p.model.block_size
     rng = random.Random(seed)
     fillers: dict[int, list[tuple[list[int], list[int]]]] = {}
-    for row in rows:  # conversations short enough that the facts stay within memory's reach
-        ids, mask, _ = tok.render([m for m in row["conversations"] if m["from"] != "system"])
-        if ids and len(ids) <= block // 2:
-            fillers.setdefault(persona_id(p, row), []).append((ids, mask))
+    for row in rows:  # exchanges short enough that the facts stay within memory's reach
+        turns = row["conversations"]
+        for a, b in zip(turns, turns[1:]):
+            if a["from"] == "human" and b["from"] == "gpt":
+                ids, mask, _ = tok.render([a, b])
+                if len(ids) <= block // 2:
+                    fillers.setdefault(persona_id(p, row), []).append((ids, mask))
     if not fillers:
-        raise PersonaError(f"model.memory: no ShareGPT train conversation of at most {block // 2} tokens to build "
-                           "long dialogues from")
+        raise PersonaError(f"model.memory: no ShareGPT train exchange (a user turn and its reply) of at most "
+                           f"{block // 2} tokens to build long dialogues from")
     personas = sorted(fillers)
-    n_facts = min(2 * p.model.memory.episodes, len(slots()))
+    per = p.model.memory.facts
+    n_facts = min(per * p.model.memory.episodes, len(slots()))
     out = []
     for _ in range(n):
         persona = rng.choice(personas)
         ids, mask, _ = tok.render([{"from": "system", "value": p.persona.system_prompt}])
         facts = make_facts(n_facts, rng.randrange(1 << 30))
-        for e in range(0, n_facts, 2):
-            told = facts[e:e + 2]
-            for f in told:
-                turn = tok.render([{"from": "human", "value": f.statement}, {"from": "gpt", "value": rng.choice(ACKNOWLEDGEMENTS)}])
-                ids, mask = ids + turn[0], mask + turn[1]
+        for e in range(0, n_facts, per):
+            told = facts[e:e + per]
+            exchanges = [(f.statement, rng.choice(ACKNOWLEDGEMENTS)) for f in told]
+            near = rng.choice(told)
+            exchanges.append((rng.choice(near.train_questions), near.answer))
+            for said, reply in exchanges:
+                more, more_mask, _ = tok.render([{"from": "human", "value": said}, {"from": "gpt", "value": reply}])
+                ids, mask = ids + more, mask + more_mask
             mark = len(ids)
             while len(ids) - mark < block:
                 more, more_mask = rng.choice(fillers[persona])
                 ids, mask = ids + more, mask + more_mask
             for f in rng.sample(told, len(told)):
-                turn = tok.render([{"from": "human", "value": rng.choice(f.train_questions)}, {"from": "gpt", "value": f.answer}])
-                ids, mask = ids + turn[0], mask + turn[1]
+                turn = [{"from": "human", "value": rng.choice(f.train_questions)}, {"from": "gpt", "value": f.answer}]
+                more, more_mask, _ = tok.render(turn)
+                ids, mask = ids + more, mask + more_mask
         out.append((ids, mask, persona))
     return out
 
@@ -306,7 +320,7 @@ def memory_batches(p: Params, tok: ChatTokenizer, emotion: EmotionBatches) -> Me
     """Phase 3's batches with memory attention on: the emotion batches plus long dialogues (`model.memory.share`)."""
     dialogues = memory_dialogues(p, tok, sharegpt_rows("train"), p.model.memory.dialogues, p.seed)
     return MemoryBatches(emotion=emotion, dialogues=dialogues, share=p.model.memory.share,
-                         batch_size=emotion.batch_size, block_size=emotion.block_size, pad_id=emotion.pad_id,
+                         batch_size=p.model.memory.batch_size, block_size=emotion.block_size, pad_id=emotion.pad_id,
                          seed=emotion.seed)
 
 
