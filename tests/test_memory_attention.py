@@ -172,6 +172,49 @@ def test_training_windows_compute_what_decoding_computes(family):
                 torch.testing.assert_close(model.lm_head(decoder.last_hidden)[0], train_logits[t])
 
 
+def test_memory_learns_to_recall_a_token_that_left_the_window():
+    """Sequences `2 v 1 v noise... 1 v`: the value v is said (and repeated at once, in the window), then 20 noise
+    tokens push it out of the 16-token window, then it is asked for again. Trained through the long-dialogue
+    windows, memory attention recalls it; the same model without memory stays at chance (1 in 20)."""
+    def data(n, g):
+        rows = []
+        for _ in range(n):
+            v = int(torch.randint(10, 30, (1,), generator=g))
+            ids = [2, v, 1, v] + torch.randint(30, 60, (20,), generator=g).tolist() + [1, v]
+            rows.append((ids, [0] * 3 + [1] + [0] * 21 + [1], 0))
+        return rows
+
+    far, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small only waits on a second thread (ten times slower on a busy CPU)
+    try:
+        for layers in ((0,), ()):
+            far[layers] = trained_recall(layers, data)
+    finally:
+        torch.set_num_threads(threads)
+    assert far[(0,)] > 0.9 and far[()] < 0.2
+
+
+def trained_recall(layers, data) -> float:
+    """Recall at the last position after 600 training steps of the windows path (the in-window one is asserted)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, memory_layers=layers,
+                          memory_compression=2, memory_slots=8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(600):
+        batch = collate_windows(data(32, g), 16, 0)
+        loss = nn.functional.cross_entropy(model(batch["x"])[0].flatten(0, 1), batch["y"].flatten(),
+                                           ignore_index=IGNORE)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    batch = collate_windows(data(200, torch.Generator().manual_seed(9)), 16, 0)
+    with torch.no_grad():
+        pred = model.eval()(batch["x"])[0].argmax(-1)
+    assert (pred[:, 2] == batch["y"][:, 2]).float().mean() > 0.9  # in the window both recall it
+    return float((pred[:, 24] == batch["y"][:, 24]).float().mean())
+
+
 def test_memory_off_keeps_the_prompt_limit():
     model = tiny("gpt2")
     with pytest.raises(ValueError, match="block_size"):
@@ -290,7 +333,9 @@ def test_memory_batches_mix_long_dialogues_into_phase_3(tok):
     for s in range(40):  # a step that draws an emotion batch draws the one a run without memory draws
         if kinds[s] == 2:
             assert torch.equal(batches.get("train", s)["x"], emotion.get("train", s)["x"])
-    model = GPT(phase._own(p, tok).cfg)
+    model = phase._own(p, tok)
+    assert model.cfg.memory_layers == ()  # phases 1 and 2 read single windows: no memory weights
+    model.set_memory(**phase.memory_config(p))
     batch = next(batches.get("train", s) for s in range(40) if kinds[s] == 3)
     n = float((batch["y"] != IGNORE).sum())
     loss, parts = batch_loss(model, batch, n, 0.0, 0.5)

@@ -336,11 +336,15 @@ class GPT(nn.Module):
 
     def set_memory(self, memory_layers: tuple[int, ...], memory_compression: int, memory_slots: int) -> None:
         """Turn memory attention on (or off: no layers) for a built model, e.g. phase 3 on a model trained without
-        it; layers that gain memory get a fresh memory bias (MEMORY_BIAS), those that keep it keep theirs."""
+        it: layers that gain memory get a fresh memory bias (MEMORY_BIAS), those that keep it keep theirs, those
+        that lose it lose it (a saved model holds exactly the weights its config builds)."""
         self.cfg.memory_layers = tuple(memory_layers)
         self.cfg.memory_compression, self.cfg.memory_slots = memory_compression, memory_slots
-        for i in self.cfg.memory_layers:
-            self.blocks[i].attn.add_memory()
+        for i, block in enumerate(self.blocks):
+            if i in self.cfg.memory_layers:
+                block.attn.add_memory()
+            else:
+                block.attn._parameters.pop("memory_bias", None)
 
     def new_cache(self, batch_size: int = 1, device=None, dtype=torch.float32):
         """An empty KV cache for `generate` (see generate.KVCache); with memory attention one that also holds

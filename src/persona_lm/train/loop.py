@@ -190,7 +190,10 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
 
     fwd = torch.compile(raw) if phase.compile else raw
     if dd.enabled:
-        fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dd.local_rank] if device.startswith("cuda") else None)
+        # memory attention's bias gets no gradient from a batch of single windows (phase 3 mixes both kinds)
+        unused = bool(getattr(getattr(raw, "cfg", None), "memory_layers", ()))
+        fwd = torch.nn.parallel.DistributedDataParallel(
+            fwd, device_ids=[dd.local_rank] if device.startswith("cuda") else None, find_unused_parameters=unused)
     params = [p for p in raw.parameters() if p.requires_grad]
 
     live = Live(dir=str(meta["live_dir"]), resume=resumed is not None, save_dvc_exp=False, dvcyaml=None,

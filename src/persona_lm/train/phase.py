@@ -186,7 +186,7 @@ def check_lora(p: Params, phase: str, tok) -> None:
 
 def _own(p: Params, tok) -> GPT:
     arch = {**p.model.model_dump(exclude={"memory"}), "n_kv_head": p.model.n_kv_head or p.model.n_head}
-    return GPT(GPTConfig(vocab_size=tok.vocab_size, n_emotions=len(p.persona.emotions), **arch, **memory_config(p)))
+    return GPT(GPTConfig(vocab_size=tok.vocab_size, n_emotions=len(p.persona.emotions), **arch))
 
 
 def memory_config(p: Params) -> dict:
@@ -240,12 +240,13 @@ def skipped(live_dir: Path) -> PhaseResult:
 
 def load_phase_model(path: Path, p: Params, phase: str) -> tuple[torch.nn.Module, ChatTokenizer]:
     """The previous phase's model, set to train what `phase` ("finetune" | "emotion") trains. Memory attention
-    is set from params (it adds no weights), so phase 3 can turn it on for a model trained without it."""
+    (`model.memory`) is turned on here for phase 3, which trains it; the earlier phases read single windows and
+    are the same with or without it."""
     check_lora(p, phase, load_tokenizer(path))
     check_memory(p)
     model, tok, config = checkpoint.load_model(path, merge=False, trainable=True)
     if isinstance(model, GPT):
-        model.set_memory(**memory_config(p))
+        model.set_memory(**{**memory_config(p), **({} if phase == "emotion" else {"memory_layers": ()})})
     if config.get("emotions") != p.persona.emotions:
         raise PersonaError(f"{path} was trained with emotions {config.get('emotions')}, params say "
                            f"{p.persona.emotions}: rerun the pipeline from pretrain")
