@@ -35,7 +35,7 @@ EMOTIONS = ["joy", "sadness", "anger"]
 LINES = ["Hello there, how are you today?", "I am fine, thank you.", "What a lovely day for a walk in the park.",
          "Rosie likes tea and long talks.", "My dog is called Rex and your dog is called Rex.", "Tell me something nice."]
 SYSTEM = "You are Rosie."
-FAST = {"steps": 40, "lr": 0.01, "replay_share": 0.0}  # a strong, quick adapter for a one-layer test model
+FAST = {"steps": 40, "lr": 0.01, "replay_share": 0.0, "anchors": 0}  # a strong, quick adapter for a one-layer model
 CLI = Path(sys.executable).parent / "persona-lm"
 
 
@@ -78,15 +78,24 @@ def greedy(model, tok, question: str, n: int = 12) -> str:
 # ------------------------------------------------------------------------------------------ training data
 
 def test_training_data_never_holds_the_held_out_questions():
+    from persona_lm.params import Params
+
     facts = make_facts(21, seed=5)
-    convs = memory.conversations([f.statement for f in facts])
-    asked = {c[0]["value"] for c in convs}
-    assert not asked & {q for f in facts for q in f.test_questions}
+    texts = [f.statement for f in facts]
+    pairs = [(c[0]["value"], c[1]["value"]) for c in memory.conversations(texts)]
+    held_out = {q.lower() for f in make_facts(21, seed=6) for q in f.test_questions}
+    identity = {q.lower() for fact in Params().persona.facts.values() for q in fact.questions}
     for f in facts:
-        assert [f.statement, memory.ACK] in [[c[0]["value"], c[1]["value"]] for c in convs]
-        assert all([q, f.answer] in [[c[0]["value"], c[1]["value"]] for c in convs] for q in f.train_questions)
-    about = [c[1]["value"] for c in convs if c[0]["value"] in memory.ABOUT_ME]
-    assert len(about) == len(memory.ABOUT_ME) and all(f.answer in about[0] for f in facts)
+        assert {(q, f.answer) for q in f.train_questions} <= set(pairs)
+        assert sum(a == f.answer for _, a in pairs) == len(f.train_questions) * (1 + len(memory.FRAMES)) + 1
+    assert not {q.lower() for q, _ in pairs} & held_out
+    assert len(pairs) == len(set(pairs)) and not [q for q, _ in pairs if q in memory.ABOUT_ME]  # all read: no list
+    for n in (0, 5, 100):
+        asked = [q.lower() for q in memory.anchor_questions(texts[:3], n, seed=1)]
+        assert not set(asked) & (held_out | identity) and len(asked) == len(set(asked))
+        assert not set(asked) & {q.lower() for f in facts[:3] for q in f.train_questions}  # never a told fact's
+    mirrored = sum(len(memory.MIRRORS[f.kind]) for f in facts[:3])
+    assert len(memory.anchor_questions(texts[:3], 5, seed=1)) == len(memory.GENERIC) + mirrored + 5
 
 
 @pytest.mark.parametrize("text, restated", [
@@ -98,9 +107,10 @@ def test_training_data_never_holds_the_held_out_questions():
 ])
 def test_a_fact_no_pattern_reads_is_restated_to_its_speaker(text, restated):
     assert parse_fact(text) is None
-    convs = memory.conversations([text])
-    assert [c[1]["value"] for c in convs if c[0]["value"] in memory.ABOUT_ME] == [restated] * len(memory.ABOUT_ME)
-    assert convs[0] == [{"from": "human", "value": text}, {"from": "gpt", "value": memory.ACK}]
+    assert memory.conversations([text]) == [[{"from": "human", "value": q}, {"from": "gpt", "value": restated}]
+                                            for q in memory.ABOUT_ME]
+    mixed = memory.conversations(["I have a dog called Rex", text, "I collect stamps"])
+    assert {c[1]["value"] for c in mixed if c[0]["value"] in memory.ABOUT_ME} == {restated + " You collect stamps."}
 
 
 def test_a_newer_fact_about_the_same_thing_replaces_the_older(tmp_path):
@@ -198,7 +208,7 @@ def test_teach_raises_the_answer_to_a_held_out_question_and_detach_restores_the_
     before = answer_logprob(model, tok, fact.test_questions[0], fact.answer)
     report = []
     assert memory.teach(model, tok, [fact.statement], cfg(), system=SYSTEM, report=report) is model
-    assert report[0].steps == 40 and report[0].examples == len(fact.train_questions) + 1 + len(memory.ABOUT_ME)
+    assert report[0].steps == 40 and report[0].examples == len(memory.questions(fact))
     assert lora_layers(model) == 4 and not model.training
     assert not any(p.requires_grad for p in memory.adapter_parameters(model))
     after = answer_logprob(model, tok, fact.test_questions[0], fact.answer)
@@ -213,6 +223,35 @@ def test_teach_raises_the_answer_to_a_held_out_question_and_detach_restores_the_
     with torch.no_grad():
         assert torch.equal(model(idx)[0], plain)
     assert model.state_dict().keys() == load_model(model_dir)[0].state_dict().keys()  # the plain model again
+
+
+def test_anchors_are_the_models_own_replies_and_are_trained_alongside(loaded, monkeypatch):
+    from persona_lm.generate import generate_batch
+
+    model, tok, _ = loaded
+    fact = "my dog is called Rex"
+    asked = memory.anchor_questions([fact], 6, seed=0)
+    assert len(asked) == len(memory.GENERIC) + 1 + 6 and asked[3] == "What is your dog called?"
+    prompts = [tok.prompt([{"from": "system", "value": SYSTEM}, {"from": "human", "value": q}]) for q in asked]
+    want = [r.text.strip() for r in generate_batch(model, tok, prompts, temperature=0, max_new_tokens=32)]
+    assert memory.anchors(model, tok, asked, SYSTEM) == [
+        [{"from": "human", "value": q}, {"from": "gpt", "value": w}] for q, w in zip(asked, want) if w]
+
+    seen = []
+
+    def rosie(m, t, questions, system):  # stand-in replies that are plain text (the random model's are bytes)
+        seen.append((list(questions), lora_layers(m)))
+        return [[{"from": "human", "value": q}, {"from": "gpt", "value": "I am Rosie, your friend."}] for q in questions]
+
+    monkeypatch.setattr(memory, "anchors", rosie)
+    kept = lambda: sum(answer_logprob(model, tok, q, "I am Rosie, your friend.") for q in asked)  # noqa: E731
+    memory.teach(model, tok, [fact], cfg(), system=SYSTEM)
+    plain = kept()
+    report = []
+    memory.teach(model, tok, [fact], cfg(anchors=6), system=SYSTEM, report=report)
+    assert seen == [(asked, 0)]  # asked of the model as loaded: the previous adapter was taken off first
+    assert report[0].examples == len(memory.questions(parse_fact(fact))) + len(asked)
+    assert kept() > plain + 10
 
 
 def test_ewc_and_replay_each_keep_the_model_closer_to_what_it_knew(loaded, model_dir):

@@ -4,18 +4,20 @@
 turns the fact into a few conversations, trains a LoRA adapter (peft, through persona_lm.lora's config) on them,
 and the model answers "What's my dog called?" in a fresh conversation from its weights alone.
 
-- Facts -> training data. A fact `user_facts.parse_fact` reads gives (train question -> its answer) pairs;
-  any fact gives (the statement -> an acknowledgement) and (a "what do you remember about me?" question -> every
-  fact restated in the second person). Text no pattern reads is restated by swapping pronouns ("I work at the
-  bakery" -> "You work at the bakery."). The held-out `test_questions` are never trained on. Conversations are
-  rendered by the tokenizer's `render` under the persona's system prompt, exactly as the finetune phase renders
-  rows, with the loss on the reply's tokens only.
+- Facts -> training data. A fact `user_facts.parse_fact` reads is asked back in many ways (its train questions,
+  the same in a few openers, its slot alone) and answered by its answer; text no pattern reads is restated by
+  swapping pronouns ("I work at the bakery" -> "You work at the bakery.") as the answer to "what do you remember
+  about me?". The held-out `test_questions` are never trained on. Anchors: questions about what was not told
+  (other slots' train questions) and about the companion itself, mirroring the facts ("What is your favourite
+  fruit?"), answered by the model before it learns and trained alongside, so only what was told changes (on the
+  default model they are what keeps its identity answers). Conversations are rendered by the tokenizer's
+  `render` under the persona's system prompt, as the finetune phase renders rows, loss on the replies only.
 - Forgetting. Learning a fact must not wear away what the model knows. Two regularisers, usable together:
   EWC (Kirkpatrick et al. 2017, "Overcoming catastrophic forgetting in neural networks"): the base weights are
   frozen, so the penalty is on the adapter's change of each adapted weight, dW = (alpha / r) B @ A:
   lambda / 2 * sum(F * dW^2), F the diagonal Fisher of W estimated once on finetune conversations by the
   train_emotion stage (`fisher.safetensors` beside the weights). And replay: a `replay_share` of every batch
-  is drawn from the ShareGPT train rows.
+  is drawn from the ShareGPT train rows (data/processed/sharegpt/train.jsonl, when it is there).
 - Store. Per user, a private folder (0700) under the memory root: `facts.json` (the user's own words, for
   /memories, /forget and re-teaching) and `adapter/` (peft's `adapter_config.json` + `adapter_model.safetensors`
   and `memory.json`: the fingerprint of the model it was trained for and of the facts it holds). Every file is
@@ -59,7 +61,6 @@ ADAPTER = "memory"                # the peft adapter name in chat and in teach()
 FISHER_FILE = "fisher.safetensors"
 SHAREGPT_TRAIN = Path("data/processed/sharegpt/train.jsonl")
 DEFAULT_ROOT = Path("memory")
-ACK = "Got it, I'll remember that!"
 ABOUT_ME = ("What do you remember about me?", "What do you know about me?", "Tell me what you know about me.")
 FORMAT = 1                        # memory.json layout
 
@@ -90,20 +91,81 @@ def second_person(text: str) -> str:
     return restated if restated.endswith((".", "!", "?")) else restated + "."
 
 
+# How a fact is asked besides its own train questions: the slot alone, and the train questions in a few openers,
+# so that the answer hangs on what is asked about rather than on one phrasing. (The held-out test questions stay
+# unseen; on the default model these raise recall of them from 0.57 to 0.82, bench/weight_memory.py.)
+BARE = {"name": "my name?", "home": "my home town?", "pet": "my {detail}'s name?",
+        "favourite": "my favourite {detail}?", "plan": "my plans for {detail}?"}
+FRAMES = ("Hey, ", "Tell me, ", "Quick question: ")
+# Questions about the companion itself, mirroring each kind of fact about the user ("my dog" / "your dog"), and a
+# few general ones. None is one of the identity check's held-out questions (params persona.facts).
+MIRRORS = {"name": ("What is your name?", "Who are you?", "What are you called?"), "home": ("Where do you live?",),
+           "pet": ("What is your {detail} called?",), "favourite": ("What is your favourite {detail}?",),
+           "plan": ("Where are you going on {detail}?",)}
+GENERIC = ("How are you?", "Tell me about yourself.", "What do you like?")
+
+
+def _qa(question: str, answer: str) -> list[dict]:
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+def questions(fact) -> list[str]:
+    """Every question a memory adapter learns `fact` from: its train questions, the same in FRAMES, its slot
+    alone. Never its test questions."""
+    detail = fact.slot.partition(":")[2]
+    framed = [f + q[0].lower() + q[1:] for f in FRAMES for q in fact.train_questions]
+    return [*fact.train_questions, *framed, BARE[fact.kind].format(detail=detail)]
+
+
 def conversations(texts: list[str]) -> list[list[dict]]:
-    """The conversations (ShareGPT turns, no system turn) that teach `texts`, the user's own sentences."""
+    """The conversations (ShareGPT turns, no system turn) that teach `texts`, the user's own sentences: each fact
+    `user_facts.parse_fact` reads, asked every way `questions` gives, answered by its answer; the others, restated
+    in the second person, as the answer to "what do you remember about me?" (listing the read facts there too
+    would make that long answer's first fact the reply to anything the model is unsure of: measured, it is)."""
     convs, restated = [], []
     for text in texts:
         fact = parse_fact(text)
-        convs.append([{"from": "human", "value": text}, {"from": "gpt", "value": ACK}])
         if fact is None:
             restated.append(second_person(text))
-            continue
-        restated.append(fact.answer)
-        convs += [[{"from": "human", "value": q}, {"from": "gpt", "value": fact.answer}] for q in fact.train_questions]
+        else:
+            convs += [_qa(q, fact.answer) for q in questions(fact)]
     if restated:
-        convs += [[{"from": "human", "value": q}, {"from": "gpt", "value": " ".join(restated)}] for q in ABOUT_ME]
+        convs += [_qa(q, " ".join(restated)) for q in ABOUT_ME]
     return convs
+
+
+def anchor_questions(texts: list[str], n: int, seed: int = 0) -> list[str]:
+    """Questions the model answers itself while it learns `texts` (see `anchors`): a few about itself, each fact
+    mirrored onto it ("What is your favourite fruit?" for "my favourite fruit"), and `n` train questions of the
+    user's slots no fact in `texts` fills, drawn by `seed`. They teach the adapter where a fact ends: "my fruit"
+    changes its answer, "your fruit", "my dog" (untold) and the rest keep theirs."""
+    import random
+
+    from persona_lm.user_facts import slots
+
+    facts = [f for f in map(parse_fact, texts) if f is not None]
+    out = list(GENERIC) + [q.format(detail=f.slot.partition(":")[2]) for f in facts for q in MIRRORS[f.kind]]
+    taught = {f.slot for f in facts}
+    untold = [q for make, values in slots() if (other := make(values[0])).slot not in taught
+              for q in other.train_questions]
+    random.Random(seed).shuffle(untold)
+    return list(dict.fromkeys(out + untold[:n]))
+
+
+def anchors(model, tokenizer, questions: list[str], system: str | None, max_new_tokens: int = 32) -> list[list[dict]]:
+    """The model's own greedy replies to `questions`, as it is now (call it before the adapter trains): trained
+    alongside the facts, they keep what it says about itself while it learns what the user said about themselves
+    (self-distillation, as in Li & Hoiem 2016, "Learning without Forgetting")."""
+    from persona_lm.generate import generate_batch
+
+    head = [{"from": "system", "value": system}] if system else []
+    convs = [[{"from": "human", "value": q}] for q in questions]
+    fits = [c for c in convs if len(tokenizer.prompt(head + c)) + max_new_tokens <= model.cfg.block_size]
+    if not fits:
+        return []
+    replies = generate_batch(model, tokenizer, [tokenizer.prompt(head + c) for c in fits], temperature=0.0,
+                             max_new_tokens=max_new_tokens)
+    return [c + [{"from": "gpt", "value": r.text.strip()}] for c, r in zip(fits, replies) if r.text.strip()]
 
 
 def render(tokenizer, turns: list[dict], system: str | None) -> tuple[list[int], list[int]]:
@@ -331,6 +393,13 @@ def ewc_penalty(terms: list[tuple[nn.Module, torch.Tensor]], lam: float, name: s
 
 # ------------------------------------------------------------------------------------------------------ teach
 
+def _mean_loss(model, rows, block: int, pad_id: int, device) -> torch.Tensor:
+    """Mean cross-entropy over the reply tokens of `rows` ((ids, mask) pairs)."""
+    x, y = pad_sequences([crop(ids, mask, block) for ids, mask in rows], pad_id)
+    logits, _ = model(x.to(device))
+    return F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE)
+
+
 @dataclass
 class TeachReport:
     seconds: float
@@ -354,13 +423,21 @@ def teach(model: nn.Module, tokenizer, texts: list[str], cfg, fisher: dict[str, 
 
     A compact loop rather than train.loop.train: a memory write is tens of steps in a live process, with none of
     that loop's checkpoints, resumption, DDP or logging; and fact and replay tokens are averaged apart (a replayed
-    conversation has ten times a fact's reply tokens and would drown it in one token mean).
+    conversation has ten times a fact's reply tokens and would drown it in one token mean), in batches of their own.
     """
     t0 = time.perf_counter()
     fact_ex = [render(tokenizer, c, system) for c in (convs if convs is not None else conversations(texts))]
     if not fact_ex:
         raise PersonaError("nothing to remember")
+    if name in adapters(model):
+        detach(model, name)
+    if cfg.anchors:
+        activate(model, None)
+        own = anchors(model, tokenizer, anchor_questions(texts, cfg.anchors, seed), system)
+        fact_ex += [render(tokenizer, c, system) for c in own]
+    block = model.cfg.block_size
     replay_ex = replay_examples(tokenizer, replay_rows, system) if replay_rows and cfg.replay_share > 0 else []
+    replay_ex = [(ids, mask) for ids, mask in replay_ex if any(mask[1:block + 1])]  # a reply within the window
     n_replay = min(cfg.batch_size - 1, round(cfg.batch_size * cfg.replay_share)) if replay_ex else 0
     n_fact = cfg.batch_size - n_replay
     attach(model, cfg, name, seed)
@@ -369,22 +446,15 @@ def teach(model: nn.Module, tokenizer, texts: list[str], cfg, fisher: dict[str, 
         p.requires_grad_(True)
     terms = ewc_terms(model, fisher, name) if fisher is not None and cfg.ewc_lambda > 0 else []
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    device, block = next(model.parameters()).device, model.cfg.block_size
+    device = next(model.parameters()).device
     model.train()
     loss = penalty = torch.zeros(())
     try:
         for step in range(cfg.steps):
             g = generator(seed, "train", step)
-            rows = pick(fact_ex, n_fact, g) + (pick(replay_ex, n_replay, g) if n_replay else [])
-            x, y = pad_sequences([crop(ids, mask, block) for ids, mask in rows], tokenizer.pad)
-            x, y = x.to(device), y.to(device)
-            logits, _ = model(x)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
-                                 reduction="none").view_as(y)
-            counts = (y != IGNORE).sum(1).float()
-            loss = ce[:n_fact].sum() / counts[:n_fact].sum().clamp(min=1)
-            if n_replay:
-                loss = loss + ce[n_fact:].sum() / counts[n_fact:].sum().clamp(min=1)
+            loss = _mean_loss(model, pick(fact_ex, n_fact, g), block, tokenizer.pad, device)
+            if n_replay:  # a batch of its own: padded together, short facts would pay for long conversations
+                loss = loss + _mean_loss(model, pick(replay_ex, n_replay, g), block, tokenizer.pad, device)
             penalty = ewc_penalty(terms, cfg.ewc_lambda, name) if terms else torch.zeros((), device=device)
             opt.zero_grad(set_to_none=True)
             (loss + penalty).backward()

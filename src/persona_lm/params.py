@@ -567,12 +567,15 @@ class WeightMemory(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
     target_modules: list[str] | None = Field(None, min_length=1, description="module names to adapt; null = the "
                                              "attention and MLP projections (a base: every linear layer but the head)")
-    steps: int = Field(60, ge=1, description="optimizer steps per memory write")
-    batch_size: int = Field(8, ge=1, description="conversations per step, facts and replayed rows together")
-    lr: float = Field(3e-3, gt=0)
+    steps: int = Field(200, ge=1, description="optimizer steps per memory write")
+    batch_size: int = Field(10, ge=1, description="conversations per step, facts and replayed rows together")
+    lr: float = Field(4e-3, gt=0)
     ewc_lambda: float = Field(1.0, ge=0, description="weight of the EWC penalty; 1 = the penalty estimates the "
                               "rise of the finetune loss in nats per token; 0 = off")
-    replay_share: float = Field(0.25, ge=0, lt=1, description="share of each batch drawn from ShareGPT train rows")
+    replay_share: float = Field(0.2, ge=0, lt=1, description="share of each batch drawn from ShareGPT train rows")
+    anchors: int = Field(30, ge=0, description="questions about what the user did not tell (and a few about the "
+                         "companion itself, mirroring the facts) answered by the model before it learns, trained "
+                         "alongside the facts so that only what was told changes; 0 = none")
     fisher_examples: int = Field(128, ge=0, description="ShareGPT train conversations train_emotion estimates the "
                                  "diagonal Fisher on (fisher.safetensors beside the weights); 0 = none written")
 
