@@ -1,12 +1,13 @@
 """Weight memory on a trained model: recall after a context wipe, what it costs the model, and what a write costs.
 
     .venv/bin/python bench/weight_memory.py [--model models/final] [--seeds 0 1 2] [--variants none ewc replay both]
-        [--data full|answers|distil] [--curve N] [-S steps=80 -S lr=0.003 ...]
+        [--data full|answers|distil] [--facts 1 5 20] [--curve N] [-S steps=80 -S lr=0.003 ...]
 
 Run from the project root after `make repro` (params.yaml, data/processed/sharegpt, models/final with its
 fisher.safetensors). For each seed, 5 facts (user_facts.make_facts) are taught in one write (memory.teach, the
 persona's system prompt first, as chat puts it), then asked with their held-out `test_questions`, each in a fresh
-conversation (probes.fact_recall "wiped", greedy). Before and after: the identity rate (probes.identity) and the
+conversation (probes.fact_recall "wiped", greedy), and after the facts were pushed out of the window ("beyond_window").
+First, the same scenarios without memory (in_context: the facts in the conversation, the ceiling). Before and after: the identity rate (probes.identity) and the
 assistant loss on the ShareGPT val split (rendered as the finetune phase renders it). Variants: `none` (no EWC,
 no replay), `ewc` (weight_memory.ewc_lambda), `replay` (weight_memory.replay_share), `both`. `-S key=value`
 overrides weight_memory params for every variant.
@@ -17,8 +18,9 @@ overrides weight_memory params for every variant.
 train question with the fact told in context, when that reply recalls the fact; else the template answer). Anchor
 conversations (weight_memory.anchors) are added to each by memory.teach.
 
---curve N teaches the first 1..N facts of each seed (each write re-learns all so far, as /remember does) and
-reports the val loss and identity after each: the forgetting curve of each variant.
+--facts K... teaches the first K facts of each seed in one write, for each K (default 5). --curve N teaches the first
+1..N (each write re-learns all so far, as /remember does) and reports the val loss and identity after each: the
+forgetting curve of each variant.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--data", choices=["full", "answers", "distil"], default="full")
+    ap.add_argument("--facts", type=int, nargs="+", default=[5], help="facts taught in one write (each K in turn)")
     ap.add_argument("--curve", type=int, default=0, help="teach 1..N facts per seed and report the forgetting curve")
     ap.add_argument("-S", dest="set", action="append", default=[], help="weight_memory.KEY=VALUE override")
     ap.add_argument("--out", help="write every run, replies included, as JSON to this file")
@@ -115,14 +118,21 @@ def main() -> None:
           f"(measured in {time.perf_counter() - t0:.1f} s); Fisher {'yes' if fisher else 'no'}; "
           f"{len(rows)} replay rows; weight_memory {base_cfg.model_dump()}", flush=True)
     out = {"before": before, "params": base_cfg.model_dump(), "data": args.data, "variants": {}}
+    counts = list(range(1, args.curve + 1)) if args.curve else args.facts
+    out["without_memory"] = {}
+    for k in counts:  # the model as trained, no adapter: each scenario's recall (in context is the ceiling)
+        rates = {s: statistics.mean(probes.fact_recall(prober, make_facts(max(*args.facts, args.curve), seed)[:k], s)
+                                    ["rate"] for seed in args.seeds) for s in probes.SCENARIOS}
+        out["without_memory"][k] = rates
+        print(f"== without memory, {k} facts: " + ", ".join(f"{s} {r:.3f}" for s, r in rates.items()), flush=True)
     for variant in args.variants:
         use_ewc, use_replay = VARIANTS[variant]
         cfg = base_cfg.model_copy(update={"ewc_lambda": base_cfg.ewc_lambda if use_ewc else 0.0,
                                           "replay_share": base_cfg.replay_share if use_replay else 0.0})
         runs = []
         for seed in args.seeds:
-            all_facts = make_facts(max(5, args.curve), seed)
-            for k in (range(1, args.curve + 1) if args.curve else [5]):
+            all_facts = make_facts(max(*args.facts, args.curve), seed)
+            for k in counts:
                 facts = all_facts[:k]
                 convs, own = None, None
                 if args.data == "answers":
@@ -147,21 +157,25 @@ def main() -> None:
                                            probes.RECALL_TOKENS)
                 pairs = [(f, q) for f in facts for q in f.train_questions]
                 run["recall"] = wiped["rate"]
+                run["recall_beyond_window"] = probes.fact_recall(prober, facts, "beyond_window")["rate"]
                 run["recall_train_questions"] = sum(recalled(r.text, f) for (f, _), r in zip(pairs, train_q)) / len(pairs)
                 run.update(measure())
                 run["replies"] = [[r.get("question"), r.get("reply"), r.get("passed")] for r in wiped["results"]]
+                run["train_replies"] = [[q, r.text, recalled(r.text, f)] for (f, q), r in zip(pairs, train_q)]
                 memory.detach(model)
                 runs.append(run)
                 print(json.dumps({"variant": variant, **{k2: (round(v, 4) if isinstance(v, float) else v)
-                                                         for k2, v in run.items() if k2 != "replies"}}), flush=True)
+                                                         for k2, v in run.items() if "replies" not in k2}}), flush=True)
         out["variants"][variant] = runs
-        last = [r for r in runs if r["facts"] == (args.curve or 5)]
-        print(f"== {variant}: recall {statistics.mean(r['recall'] for r in last):.3f} "
-              f"(train questions {statistics.mean(r['recall_train_questions'] for r in last):.3f}), "
-              f"identity {before['identity']:.3f} -> {statistics.mean(r['identity'] for r in last):.3f}, "
-              f"val loss {before['val_loss']:.4f} -> {statistics.mean(r['val_loss'] for r in last):.4f}, "
-              f"write {statistics.mean(r['seconds'] for r in last):.1f} s, peak RSS {max(r['peak_rss_mb'] for r in last):.0f} MB",
-              flush=True)
+        for k in sorted({r["facts"] for r in runs}):
+            last = [r for r in runs if r["facts"] == k]
+            print(f"== {variant}, {k} facts: recall {statistics.mean(r['recall'] for r in last):.3f} "
+                  f"(beyond the window {statistics.mean(r['recall_beyond_window'] for r in last):.3f}) "
+                  f"(train questions {statistics.mean(r['recall_train_questions'] for r in last):.3f}), "
+                  f"identity {before['identity']:.3f} -> {statistics.mean(r['identity'] for r in last):.3f}, "
+                  f"val loss {before['val_loss']:.4f} -> {statistics.mean(r['val_loss'] for r in last):.4f}, "
+                  f"write {statistics.mean(r['seconds'] for r in last):.1f} s, "
+                  f"peak RSS {max(r['peak_rss_mb'] for r in last):.0f} MB", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 

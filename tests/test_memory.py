@@ -94,8 +94,8 @@ def test_training_data_never_holds_the_held_out_questions():
         asked = [q.lower() for q in memory.anchor_questions(texts[:3], n, seed=1)]
         assert not set(asked) & (held_out | identity) and len(asked) == len(set(asked))
         assert not set(asked) & {q.lower() for f in facts[:3] for q in f.train_questions}  # never a told fact's
-    mirrored = sum(len(memory.MIRRORS[f.kind]) for f in facts[:3])
-    assert len(memory.anchor_questions(texts[:3], 5, seed=1)) == len(memory.GENERIC) + mirrored + 5
+    assert memory.anchor_questions(texts[:3], 5, seed=1)[:len(memory.SELF)] == list(memory.SELF)
+    assert len(memory.anchor_questions(texts[:3], 5, seed=1)) == len(memory.SELF) + 5
 
 
 @pytest.mark.parametrize("text, restated", [
@@ -231,7 +231,7 @@ def test_anchors_are_the_models_own_replies_and_are_trained_alongside(loaded, mo
     model, tok, _ = loaded
     fact = "my dog is called Rex"
     asked = memory.anchor_questions([fact], 6, seed=0)
-    assert len(asked) == len(memory.GENERIC) + 1 + 6 and asked[3] == "What is your dog called?"
+    assert len(asked) == len(memory.SELF) + 6 and not set(asked) & set(parse_fact(fact).train_questions)
     prompts = [tok.prompt([{"from": "system", "value": SYSTEM}, {"from": "human", "value": q}]) for q in asked]
     want = [r.text.strip() for r in generate_batch(model, tok, prompts, temperature=0, max_new_tokens=32)]
     assert memory.anchors(model, tok, asked, SYSTEM) == [

@@ -8,9 +8,9 @@ and the model answers "What's my dog called?" in a fresh conversation from its w
   the same in a few openers, its slot alone) and answered by its answer; text no pattern reads is restated by
   swapping pronouns ("I work at the bakery" -> "You work at the bakery.") as the answer to "what do you remember
   about me?". The held-out `test_questions` are never trained on. Anchors: questions about what was not told
-  (other slots' train questions) and about the companion itself, mirroring the facts ("What is your favourite
-  fruit?"), answered by the model before it learns and trained alongside, so only what was told changes (on the
-  default model they are what keeps its identity answers). Conversations are rendered by the tokenizer's
+  (other slots' train questions) and about the companion itself ("What is your name?"), answered by the model
+  before it learns and trained alongside, so only what was told changes (on the default model they are what
+  keeps its identity answers). Conversations are rendered by the tokenizer's
   `render` under the persona's system prompt, as the finetune phase renders rows, loss on the replies only.
 - Forgetting. Learning a fact must not wear away what the model knows. Two regularisers, usable together:
   EWC (Kirkpatrick et al. 2017, "Overcoming catastrophic forgetting in neural networks"): the base weights are
@@ -97,12 +97,12 @@ def second_person(text: str) -> str:
 BARE = {"name": "my name?", "home": "my home town?", "pet": "my {detail}'s name?",
         "favourite": "my favourite {detail}?", "plan": "my plans for {detail}?"}
 FRAMES = ("Hey, ", "Tell me, ", "Quick question: ")
-# Questions about the companion itself, mirroring each kind of fact about the user ("my dog" / "your dog"), and a
-# few general ones. None is one of the identity check's held-out questions (params persona.facts).
-MIRRORS = {"name": ("What is your name?", "Who are you?", "What are you called?"), "home": ("Where do you live?",),
-           "pet": ("What is your {detail} called?",), "favourite": ("What is your favourite {detail}?",),
-           "plan": ("Where are you going on {detail}?",)}
-GENERIC = ("How are you?", "Tell me about yourself.", "What do you like?")
+# Questions about the companion itself, always among the anchors: its identity is what a write must not wear
+# away. None is one of the identity check's held-out questions (params persona.facts). Mirrors of the other kinds
+# ("What is your favourite fruit?" beside the user's "my favourite fruit") cost recall on the default model (0.83 ->
+# 0.70 over 3 seeds of 5 facts, identity the same): "your" and "my" are one token apart, and a 1M model merges them.
+SELF = ("What is your name?", "Who are you?", "What are you called?", "How are you?", "Tell me about yourself.",
+        "What do you like?")
 
 
 def _qa(question: str, answer: str) -> list[dict]:
@@ -135,21 +135,18 @@ def conversations(texts: list[str]) -> list[list[dict]]:
 
 
 def anchor_questions(texts: list[str], n: int, seed: int = 0) -> list[str]:
-    """Questions the model answers itself while it learns `texts` (see `anchors`): a few about itself, each fact
-    mirrored onto it ("What is your favourite fruit?" for "my favourite fruit"), and `n` train questions of the
-    user's slots no fact in `texts` fills, drawn by `seed`. They teach the adapter where a fact ends: "my fruit"
-    changes its answer, "your fruit", "my dog" (untold) and the rest keep theirs."""
+    """Questions the model answers itself while it learns `texts` (see `anchors`): SELF, and `n` train questions
+    of the user's slots no fact in `texts` fills, drawn by `seed`. They teach the adapter where a fact ends: "my
+    fruit" changes its answer, "your name", "my dog" (untold) and the rest keep theirs."""
     import random
 
     from persona_lm.user_facts import slots
 
-    facts = [f for f in map(parse_fact, texts) if f is not None]
-    out = list(GENERIC) + [q.format(detail=f.slot.partition(":")[2]) for f in facts for q in MIRRORS[f.kind]]
-    taught = {f.slot for f in facts}
+    taught = {f.slot for f in map(parse_fact, texts) if f is not None}
     untold = [q for make, values in slots() if (other := make(values[0])).slot not in taught
               for q in other.train_questions]
     random.Random(seed).shuffle(untold)
-    return list(dict.fromkeys(out + untold[:n]))
+    return list(dict.fromkeys([*SELF, *untold[:n]]))
 
 
 def anchors(model, tokenizer, questions: list[str], system: str | None, max_new_tokens: int = 32) -> list[list[dict]]:

@@ -570,7 +570,7 @@ class WeightMemory(Section):
     steps: int = Field(200, ge=1, description="optimizer steps per memory write")
     batch_size: int = Field(10, ge=1, description="conversations per step, facts and replayed rows together")
     lr: float = Field(4e-3, gt=0)
-    ewc_lambda: float = Field(1.0, ge=0, description="weight of the EWC penalty; 1 = the penalty estimates the "
+    ewc_lambda: float = Field(30.0, ge=0, description="weight of the EWC penalty; 1 = the penalty estimates the "
                               "rise of the finetune loss in nats per token; 0 = off")
     replay_share: float = Field(0.2, ge=0, lt=1, description="share of each batch drawn from ShareGPT train rows")
     anchors: int = Field(30, ge=0, description="questions about what the user did not tell (and a few about the "
