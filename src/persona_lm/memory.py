@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import time
 import warnings
@@ -53,7 +54,7 @@ from persona_lm import lora
 from persona_lm.errors import PersonaError
 from persona_lm.io import atomic_dir, atomic_path, write_json
 from persona_lm.train.batches import IGNORE, crop, generator, pad_sequences, pick
-from persona_lm.user_facts import parse_fact
+from persona_lm.user_facts import parse_fact, slots
 
 log = logging.getLogger("persona_lm.memory")
 
@@ -138,10 +139,6 @@ def anchor_questions(texts: list[str], n: int, seed: int = 0) -> list[str]:
     """Questions the model answers itself while it learns `texts` (see `anchors`): SELF, and `n` train questions
     of the user's slots no fact in `texts` fills, drawn by `seed`. They teach the adapter where a fact ends: "my
     fruit" changes its answer, "your name", "my dog" (untold) and the rest keep theirs."""
-    import random
-
-    from persona_lm.user_facts import slots
-
     taught = {f.slot for f in map(parse_fact, texts) if f is not None}
     untold = [q for make, values in slots() if (other := make(values[0])).slot not in taught
               for q in other.train_questions]
