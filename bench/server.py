@@ -1,14 +1,18 @@
-"""`persona-lm serve` under load: time to first token and tokens/s per stream at 1 and N concurrent streams.
+"""`persona-lm serve` under load: time to first token and tokens/s per stream and in total at 1, 8 and 32 streams.
 
-    .venv/bin/python bench/server.py [--model models/final] [--streams 1,8] [--new 128] [--repeat 3]
+    .venv/bin/python bench/server.py [--configs default,core] [--streams 1,8,32] [--new 128] [--repeat 3]
 
-Starts the server on a free loopback port, then for each concurrency level sends that many streaming
-requests at once (different prompts, temperature 0.8, fixed seeds, `ignore_eos` so every reply is exactly
---new tokens) over raw loopback sockets, all from one asyncio loop. Per stream: TTFT = request sent -> first
-content delta; tokens/s = --new / (last delta - first delta). Total = all tokens / wall time of the round.
-Each figure is the median over streams in the best of --repeat rounds (ranked by wall time). The engine runs
-the streams in turn on one worker thread, so per-stream speed divides among concurrent streams while the
-total stays close to one stream's.
+`default` is the trained model folder (models/final; --model to change it). `core` is the 13.9M configuration
+(n_layer 6, n_head 6, n_embd 384, block_size 256) with random weights and a byte-level BPE tokenizer of up to 8192
+tokens trained on ../shared/data's TinyStories text, written to a temporary model folder: speed does not depend on
+the weights. Starts the server on a free loopback port, then for each concurrency level sends that many
+streaming requests at once (different prompts, temperature 0.8, fixed seeds, `ignore_eos` so every reply is
+exactly --new tokens) over raw loopback sockets, all from one asyncio loop. Per stream: TTFT = request sent ->
+first content delta; tokens/s = --new / (last delta - first delta). Total = all tokens / wall time of the round.
+Each figure is the median over streams in the best of --repeat rounds (ranked by wall time). The engine decodes
+the open streams together (continuous batching), so the total grows with the number of streams while each
+stream slows by much less than the stream count. The last lines compare 8 streams with 1 against the targets:
+total >= 5x one stream's, TTFT <= 2x one stream's.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "corpus" / "tinystories_train_head.txt"
 PROMPTS = ["Hi! What's your name?", "Tell me about your day.", "What do you like to do?", "I feel a bit sad today.",
            "Do you like music?", "What makes you happy?", "Tell me a short story.", "How are you feeling?"]
 
@@ -94,31 +99,69 @@ def round_(port: int, streams: int, new: int) -> tuple[float, list[dict]]:
     return time.perf_counter() - t0, results
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(ROOT / "models/final"))
-    ap.add_argument("--streams", default="1,8")
-    ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
-    if not (Path(args.model) / "model.safetensors").exists():
-        sys.exit(f"{args.model}: no model folder; run `make repro` first or pass --model")
-    proc, url = start(args.model)
+def core_model(folder: Path) -> str:
+    """A random-weight model folder of the 13.9M configuration (see the module docstring)."""
+    import torch
+
+    from persona_lm.model import GPT, GPTConfig
+    from persona_lm.tokenizer import save_tokenizer, train_tokenizer
+    from persona_lm.train.checkpoint import save_model_dir
+
+    if not SHARED.is_file():
+        sys.exit(f"{SHARED}: missing; the core configuration needs ../shared/data beside the project")
+    tok = train_tokenizer(SHARED.read_text(encoding="utf-8").splitlines(), "bpe", 8192, [])
+    save_tokenizer(tok, folder / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), block_size=256, n_layer=6, n_head=6, n_embd=384))
+    save_model_dir(folder / "core", model, folder / "tokenizer.json", {"persona": "Core", "system_prompt": ""})
+    print(f"core: {model.param_counts()['total'] / 1e6:.1f}M parameters, vocabulary {tok.get_vocab_size()}")
+    return str(folder / "core")
+
+
+def bench(model: str, streams: list[int], new: int, repeat: int) -> None:
+    proc, url = start(model)
     port = int(url.rsplit(":", 1)[1])
     try:
         round_(port, 1, 16)  # warm-up: first-request allocations and lazy imports
-        print(f"model {args.model}, {args.new} new tokens per stream, best of {args.repeat}, "
-              f"load average {os.getloadavg()[0]:.2f}")
+        print(f"model {model}, {new} new tokens per stream, best of {repeat}, load average {os.getloadavg()[0]:.2f}")
         print(f"{'streams':>7} {'TTFT ms (median)':>17} {'TTFT ms (max)':>14} {'tok/s per stream':>17} {'tok/s total':>12}")
-        for n in [int(x) for x in args.streams.split(",")]:
-            wall, results = min((round_(port, n, args.new) for _ in range(args.repeat)), key=lambda r: r[0])
-            ttft = [r["ttft"] * 1000 for r in results]
+        seen = {}
+        for n in streams:
+            wall, results = min((round_(port, n, new) for _ in range(repeat)), key=lambda r: r[0])
+            ttft = statistics.median(r["ttft"] * 1000 for r in results)
             total = sum(r["tokens"] for r in results) / wall
-            print(f"{n:>7} {statistics.median(ttft):>17.1f} {max(ttft):>14.1f} "
+            seen[n] = (ttft, total)
+            print(f"{n:>7} {ttft:>17.1f} {max(r['ttft'] * 1000 for r in results):>14.1f} "
                   f"{statistics.median(r['tok_s'] for r in results):>17.1f} {total:>12.1f}")
+        if 1 in seen and 8 in seen:
+            (t1, a1), (t8, a8) = seen[1], seen[8]
+            print(f"8 streams vs 1: total {a8 / a1:.2f}x (target >= 5x), median TTFT {t8 / t1:.2f}x (target <= 2x)")
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def main() -> None:
+    import tempfile
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="default,core")
+    ap.add_argument("--model", default=str(ROOT / "models/final"), help="the `default` model folder")
+    ap.add_argument("--streams", default="1,8,32")
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    streams = [int(x) for x in args.streams.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs.split(","):
+            if name == "default":
+                if not (Path(args.model) / "model.safetensors").exists():
+                    sys.exit(f"{args.model}: no model folder; run `make repro` first or pass --model")
+                bench(args.model, streams, args.new, args.repeat)
+            elif name == "core":
+                bench(core_model(Path(tmp)), streams, args.new, args.repeat)
+            else:
+                sys.exit(f"unknown config {name!r}: default or core")
 
 
 if __name__ == "__main__":

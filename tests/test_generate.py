@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from persona_lm.generate import (Decoder, KVCache, TextStream, apply_repetition_penalty, filter_logits, generate,
+from persona_lm.generate import (Batch, Decoder, KVCache, TextStream, apply_repetition_penalty, filter_logits, generate,
                                  sample, stream)
 from persona_lm.model import GPT, GPTConfig
 from persona_lm.tokenizer import ChatTokenizer, train_tokenizer
@@ -271,3 +271,58 @@ def test_padded_positions_never_attend_to_padding():
     assert mask[1, 0].int().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
     pos, mask = padded_positions(4, 1, torch.tensor([0, 2]))  # one decode step after the prompt
     assert pos.tolist() == [[4], [2]] and mask[:, 0].int().tolist() == [[[1, 1, 1, 1, 1]], [[0, 0, 1, 1, 1]]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_rows_join_and_leave_and_each_decodes_as_alone(tok, family):
+    """Continuous batching: rows with different prompts, lengths, sampling settings, seeds and personas join
+    two per step and leave when done (some re-window: block 32, up to 82 new tokens); each row's tokens equal
+    the lone Decoder's, sampled rows included."""
+    model = tiny(tok.vocab_size, family, block_size=32)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, tok.vocab_size, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 30, (12,), generator=g)]
+    settings = [dict(max_new_tokens=5 + 7 * i, temperature=0 if i % 2 else 0.9, top_k=0 if i % 3 else 20, seed=i,
+                     repetition_penalty=1.0 + 0.1 * (i % 3), persona=i % 2 if i % 4 else None) for i in range(12)]
+    alone = [tokens(model, p, **kw) for p, kw in zip(prompts, settings)]
+    batch, decoders = Batch(model), [Decoder(model, p, **kw) for p, kw in zip(prompts, settings)]
+    out, waiting, widths = {id(d): [] for d in decoders}, list(decoders), set()
+    while waiting or len(batch):
+        for d in waiting[:2]:
+            batch.add(d)
+        waiting = waiting[2:]
+        widths.add(len(batch))
+        for d, t in batch.sample():
+            out[id(d)].append(t)
+            if len(out[id(d)]) == d.max_new_tokens:
+                batch.drop(d)
+        batch.step()
+    assert [out[id(d)] for d in decoders] == alone
+    assert max(widths) >= 6 and len(widths) > 3  # rows really shared steps, and the batch grew and shrank
+    assert batch.kv == [] and batch.length == 0  # every row left: nothing held
+
+
+def test_batch_drop_mid_reply_frees_the_row_and_leaves_the_others_alone(tok):
+    model = tiny(tok.vocab_size, "llama", block_size=32)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    alone = [tokens(model, p, max_new_tokens=20, temperature=0) for p in prompts]
+    batch, decoders = Batch(model), [Decoder(model, p, max_new_tokens=20, temperature=0) for p in prompts]
+    for d in decoders:
+        batch.add(d)
+    got = {id(d): [] for d in decoders}
+    for step in range(20):
+        for d, t in batch.sample():
+            got[id(d)].append(t)
+        if step == 3:  # the longest prompt's client hangs up: its row goes, the timeline shrinks to the others
+            batch.drop(decoders[0])
+            assert len(batch) == 2 and batch.kv[0].shape[0] == 2 and batch.length == max(r.cached for r in batch.rows)
+        batch.step()
+    assert got[id(decoders[0])] == alone[0][:4]
+    assert [got[id(d)] for d in decoders[1:]] == alone[1:]
+
+
+def test_batch_refuses_memory_attention_models(tok):
+    model = tiny(tok.vocab_size, "gpt2", memory_layers=(1,))
+    assert not Batch.batchable(model)
+    with pytest.raises(ValueError, match="memory attention"):
+        Batch(model).add(Decoder(model, [1, 2, 3]))

@@ -273,3 +273,44 @@ def test_serve_reports_a_missing_model_folder(tmp_path):
     proc = subprocess.run([str(CLI), "serve", "--model", str(tmp_path / "nope"), "--port", "0"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "no such model folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_engine_batches_replies_that_join_and_leave_at_different_times(model_dir):
+    """Requests submitted together share batched steps, ask for different lengths, settings and stop strings,
+    and each gets exactly the reply it gets alone; one is cancelled mid-reply and the rest go on."""
+    from persona_lm.generate import stream
+
+    model, tok, config = load_model(model_dir)
+    emotions = config["emotions"]
+    asks = [dict(max_new_tokens=8 + 9 * i, temperature=0.0 if i % 2 else 1.0, seed=i, top_k=0 if i % 3 else 40,
+                 stop=["e"] if i == 3 else (), repetition_penalty=1.0 + 0.1 * (i % 2)) for i in range(6)]
+    prompts = [tok.prompt([{"from": "human", "value": LINES[i]}]) for i in range(6)]
+
+    def make(i):
+        return stream(model, tok, prompts[i], emotions=emotions, **asks[i])
+
+    alone = [generate(model, tok, prompts[i], emotions=emotions, **asks[i]) for i in range(6)]
+
+    async def run():
+        engine = Engine(max_open=8, model=model)
+        try:
+            jobs = [engine.submit(make(i)) for i in range(6)]
+            quitter = engine.submit(make(5))
+            assert (await quitter.events.get())[0] == "delta"
+            quitter.cancelled = True
+            got = []
+            for job in jobs:
+                kind, value = await job.events.get()
+                while kind == "delta":
+                    kind, value = await job.events.get()
+                got.append((kind, value))
+            assert engine.open == 0  # the cancelled reply's slot was freed too
+            return got, engine.widest
+        finally:
+            engine.stop()
+
+    got, widest = asyncio.run(run())
+    assert widest >= 6
+    assert [k for k, _ in got] == ["done"] * 6
+    assert [(r.text, r.ids, r.finish_reason, r.emotion) for _, r in got] == \
+        [(r.text, r.ids, r.finish_reason, r.emotion) for r in alone]

@@ -333,7 +333,10 @@ class Result:
 
 
 class Generation:
-    """One reply: iterate for text deltas; afterwards `result` holds the whole Result."""
+    """One reply: iterate for text deltas; afterwards `result` holds the whole Result.
+
+    The tokens come from its own Decoder when iterated, or from a `Batch` that decodes many replies together
+    (the server), which hands each sampled token to `push`."""
 
     def __init__(self, model, tokenizer, prompt: Sequence[int], *, stop: Sequence[str] = (),
                  emotions: Sequence[str] | None = None, ignore_end: bool = False, **sampling):
@@ -342,27 +345,41 @@ class Generation:
         self.decoder = Decoder(model, prompt, penalty_exempt=sorted(tokenizer.special_ids), **sampling)
         self.stop_ids = set() if ignore_end else tokenizer.stop_ids
         self.result: Result | None = None
+        self.text = TextStream(tokenizer, stop)
+        self.ids: list[int] = []
+        self.t0: float | None = None
+
+    def begin(self) -> None:
+        """Start the clock (the prompt's prefill counts in Result.seconds)."""
+        self.t0 = time.perf_counter()
+
+    def push(self, tok: int) -> tuple[str, bool]:
+        """One sampled token in: (the text it completes, possibly "", and whether the reply is over)."""
+        self.ids.append(tok)
+        if tok in self.stop_ids:
+            return self._end("stop")
+        delta = self.text.push(tok)
+        if self.text.stopped:
+            return delta + self._end("stop")[0], True
+        if len(self.ids) >= self.decoder.max_new_tokens:
+            return delta + self._end("length")[0], True
+        return delta, False
+
+    def _end(self, reason: str) -> tuple[str, bool]:
+        delta = self.text.flush()
+        self.result = Result(self.text.text, self.ids, reason, self._emotion(), self.decoder.n_prompt, len(self.ids),
+                             time.perf_counter() - self.t0)
+        return delta, True
 
     def __iter__(self) -> Iterator[str]:
-        t0 = time.perf_counter()
-        text = TextStream(self.tokenizer, self.stop)
-        ids, reason = [], "length"
+        self.begin()
         for tok in self.decoder:
-            ids.append(tok)
-            if tok in self.stop_ids:
-                reason = "stop"
-                break
-            delta = text.push(tok)
+            delta, done = self.push(tok)
             if delta:
                 yield delta
-            if text.stopped:
-                reason = "stop"
-                break
-        delta = text.flush()
-        if delta:
-            yield delta
-        self.result = Result(text.text, ids, reason, self._emotion(), self.decoder.n_prompt, len(ids),
-                             time.perf_counter() - t0)
+            if done:
+                return
+        self._end("length")  # max_new_tokens <= 0: nothing was generated
 
     @torch.inference_mode()
     def _emotion(self) -> str | None:
@@ -374,6 +391,158 @@ class Generation:
         if len(self.emotions) != head.out_features:
             raise ValueError(f"{len(self.emotions)} emotion labels for an emotion head of {head.out_features}")
         return self.emotions[int(head(h).argmax(-1))]
+
+
+class Batch:
+    """Continuous batching: many Decoders advanced by one batched forward per step, as a server needs them.
+
+    Requests join and leave between steps (Orca's iteration-level scheduling, Yu et al. 2022, "Orca: A
+    Distributed Serving System for Transformer-Based Generative Models"). The rows share one KV cache timeline:
+    each row's tokens end at the newest position and the row is left-padded before them, so one step feeds every
+    row's last token at the same position and `GPT.hidden`'s `pad` keeps each row's positions and attention its
+    own. A joining row is prefilled alone in its Decoder's own cache, exactly as a lone reply is, and its keys and
+    values are copied into the batch: when its prompt is longer than the timeline, the timeline grows to the right
+    (every other row gains padding); when rows leave, padding every row shares is cut off again. A row whose
+    window is full re-windows as a lone Decoder does (keeps the newest block_size // 2 tokens, prefilled again,
+    alone), so prompts, sampling, repetition penalty and re-windowing follow the Decoder's rules row by row.
+
+    What it cannot promise is bit-equality with a lone reply: a (B, n_embd) matrix product may round the last bit
+    of a row differently from a (1, n_embd) one, so a near-tie can break the other way. Prefills are alone and
+    hence exact. Not for memory attention models (each row's memory would need its own slots): `batchable`.
+    """
+
+    def __init__(self, model):
+        p = next(model.parameters())
+        self.model, self.device, self.dtype = model, p.device, p.dtype
+        self.block = model.cfg.block_size
+        self.keep = max(1, self.block // 2)
+        self.rows: list[_Row] = []
+        self.kv: list[torch.Tensor] = []  # per layer (rows, 2 * n_kv_head, block_size, head_dim), as KVCache
+        self.length = 0                   # the shared timeline: every row's tokens end at this position
+
+    @staticmethod
+    def batchable(model) -> bool:
+        return not getattr(model.cfg, "memory_layers", ()) and hasattr(model, "blocks")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def add(self, decoder: Decoder) -> None:
+        """Prefill `decoder`'s prompt alone and make it a row; its first token is sampled by the next `sample`."""
+        if decoder.cache is None or decoder.remembers:
+            raise ValueError("a batch needs cached Decoders of a model without memory attention")
+        row = _Row(decoder, decoder.n_prompt, 0)
+        decoder.cache.reset()
+        row.logits = decoder._logits(decoder.ids[:, :row.n])
+        self._place(row, row.n)
+
+    def drop(self, decoder: Decoder) -> None:
+        """The row of `decoder` leaves (finished or cancelled); its cache row is freed at once."""
+        keep = [i for i, r in enumerate(self.rows) if r.decoder is not decoder]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        index = torch.tensor(keep, device=self.device, dtype=torch.long)
+        self.kv = [buf.index_select(0, index) for buf in self.kv]
+        self._compact()
+
+    @torch.inference_mode()
+    def sample(self) -> list[tuple[Decoder, int]]:
+        """Each row's next token from its pending logits, with the row's own sampling settings and generator."""
+        out = []
+        for row in self.rows:
+            d = row.decoder
+            logits = apply_repetition_penalty(row.logits, d.ids[:, :row.n], d.repetition_penalty, d.exempt)
+            tok = sample(logits, d.temperature, d.top_k, d.top_p, d.generator)
+            d.ids[:, row.n] = tok
+            row.n += 1
+            out.append((d, int(tok)))
+        return out
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Feed every row's newest token (one batched forward), re-windowing the rows whose window is full."""
+        full = [r for r in self.rows if r.n - r.start > self.block]
+        for row in full:
+            self.drop(row.decoder)
+        if self.rows:
+            self._compact()
+            rows = self.rows
+            idx = torch.stack([r.decoder.ids[0, r.n - 1] for r in rows]).view(-1, 1)
+            pad = torch.tensor([self.length - r.cached for r in rows], device=self.device)
+            persona = None
+            if any(r.decoder.persona is not None for r in rows):
+                persona = torch.cat([r.decoder.persona if r.decoder.persona is not None
+                                     else torch.zeros(1, dtype=torch.long, device=self.device) for r in rows])
+            cache = _SharedCache(self.kv, self.length)
+            onednn = torch.backends.mkldnn.enabled  # one token per row: as Decoder._logits, without oneDNN
+            torch.backends.mkldnn.enabled = False
+            try:
+                h = self.model.hidden(idx, persona, cache, pad)[:, -1]
+            finally:
+                torch.backends.mkldnn.enabled = onednn
+            self.length += 1
+            logits = self.model.lm_head(h).float()
+            for b, row in enumerate(rows):
+                row.cached += 1
+                row.logits = logits[b:b + 1]
+                row.decoder.last_hidden = h[b:b + 1]
+        for row in full:  # prefilled alone, then back in
+            row.start = row.n - self.keep
+            row.decoder.cache.reset()
+            row.logits = row.decoder._logits(row.decoder.ids[:, row.start:row.n])
+            self._place(row, row.n - row.start)
+
+    def _place(self, row: "_Row", c: int) -> None:
+        """Copy the c tokens in `row.decoder.cache` into a new row ending at the timeline's newest position."""
+        if c > self.length:  # the timeline grows to the right: every row so far gains c - length of padding
+            self._shift(c - self.length)
+        src = row.decoder.cache.kv
+        if not self.kv:
+            self.kv = [torch.zeros((0, *buf.shape[1:]), device=self.device, dtype=buf.dtype) for buf in src]
+        new = []
+        for layer, buf in enumerate(self.kv):
+            line = torch.zeros((1, *buf.shape[1:]), device=self.device, dtype=buf.dtype)
+            line[:, :, self.length - c:self.length] = src[layer][:, :, :c]
+            new.append(torch.cat([buf, line]))
+        self.kv = new
+        row.cached = c
+        self.rows.append(row)
+
+    def _shift(self, d: int) -> None:
+        """Move the timeline d positions to the right (d < 0: to the left, cutting shared padding)."""
+        L = self.length
+        for buf in self.kv:
+            if d > 0:
+                buf[:, :, d:d + L] = buf[:, :, :L].clone()
+            else:
+                buf[:, :, :L + d] = buf[:, :, -d:L].clone()
+        self.length = L + d
+
+    def _compact(self) -> None:
+        if not self.rows:
+            self.kv, self.length = [], 0
+            return
+        shared = self.length - max(r.cached for r in self.rows)  # padding that every row has
+        if shared > 0:
+            self._shift(-shared)
+
+
+@dataclass
+class _Row:
+    decoder: Decoder
+    n: int                   # tokens in decoder.ids (prompt and reply so far)
+    start: int               # where the current window begins in decoder.ids
+    cached: int = 0          # this row's tokens in the batch cache, ending at the timeline's newest position
+    logits: torch.Tensor | None = None  # (1, vocab): the next token's, not yet sampled
+
+
+class _SharedCache(KVCache):
+    """The batch's buffers seen through KVCache's interface for one forward (GPT.hidden appends and advances)."""
+
+    def __init__(self, kv: list[torch.Tensor], length: int):
+        self.kv, self.block_size, self.length = kv, kv[0].shape[2], length
 
 
 def stream(model, tokenizer, prompt: Sequence[int], **kw) -> Generation:

@@ -4,8 +4,9 @@ Routes: `POST /v1/chat/completions` (JSON, or SSE with `stream: true`), `GET /v1
 self-contained: no CDN, works offline). Every reply carries the emotion head's label in an extra `emotion`
 field: `choices[0].message.emotion`, or `choices[0].delta.emotion` in the last streamed chunk.
 
-The model runs on one worker thread (`Engine`) that serves every open request in turn, one text delta each,
-so concurrent streams advance together and the event loop never blocks on torch. Requests are bounded (body
+The model runs on one worker thread (`Engine`), so the event loop never blocks on torch. It decodes every open
+request together, one batched forward per token for all of them (continuous batching, generate.Batch); a
+request joins or leaves between two steps. Requests are bounded (body
 size, message count, max_tokens, open requests) and every error is JSON in OpenAI's shape:
 `{"error": {"message", "type", "param", "code"}}`.
 
@@ -36,7 +37,7 @@ from starlette.exceptions import HTTPException
 
 from persona_lm.chat import fit
 from persona_lm.errors import PersonaError
-from persona_lm.generate import stream as generation
+from persona_lm.generate import Batch, Generation, stream as generation
 
 
 @dataclass(frozen=True)
@@ -83,16 +84,26 @@ class Job:
 
 
 class Engine:
-    """The worker thread that owns the model: admits new jobs, then advances each open job by one text delta
-    per round. Generations are independent (own KV cache, own seeded generator), so interleaving them changes
-    nothing in any one reply. A job holds its slot until the worker is done with it: finished, failed, or
-    cancelled (client gone), which is noticed at its next turn."""
+    """The worker thread that owns the model. Each round it admits new jobs, then advances every open one:
 
-    def __init__(self, max_open: int):
+    - with `model` given (and batchable, see generate.Batch), replies are decoded together by continuous
+      batching: one batched forward per round for all of them, one token each; a job joins (its prompt prefilled
+      alone) and leaves (finished or cancelled, its cache row freed) between rounds, whatever its sampling
+      settings, stop strings and length;
+    - otherwise, and for jobs that switch weights before each step (a user's weight memory: rows of one forward
+      share one set of weights), jobs take turns, one text delta each.
+
+    A job holds its slot until the worker is done with it: finished, failed, or cancelled (client gone), which is
+    noticed at its next round. A failure in one job's generation ends that job only; one in the batched forward
+    ends the jobs in it."""
+
+    def __init__(self, max_open: int, model=None):
         self.max_open = max_open
+        self.batch = Batch(model) if model is not None and Batch.batchable(model) else None
         self.inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.open = 0
+        self.widest = 0  # the most replies one batched forward has decoded together (a figure for tests and logs)
         self.thread = threading.Thread(target=self._run, name="persona-lm-engine", daemon=True)
         self.thread.start()
 
@@ -110,40 +121,91 @@ class Engine:
         self.inbox.put(None)
         self.thread.join(timeout=10)
 
-    def _finish(self, active: list[Job], job: Job, kind: str | None = None, value=None) -> None:
-        active.remove(job)
+    def _finish(self, job: Job, kind: str | None = None, value=None) -> None:
         with self.lock:
             self.open -= 1
         if kind:
             job.emit(kind, value)
 
+    def _batches(self, job: Job) -> bool:
+        gen = job.generation
+        return (self.batch is not None and job.switch is None and isinstance(gen, Generation)
+                and gen.decoder.cache is not None)
+
     def _run(self) -> None:
-        active: list[Job] = []
+        turns: list[Job] = []            # jobs taking turns
+        rows: dict[int, Job] = {}        # batched jobs by id(their Decoder)
         while True:
             try:
                 while True:  # admit everything waiting; block only when there is nothing to do
-                    job = self.inbox.get(block=not active)
+                    job = self.inbox.get(block=not (turns or rows))
                     if job is None:
                         return
-                    job.it = iter(job.generation)
-                    active.append(job)
+                    if self._batches(job):
+                        self._join(job, rows)
+                    else:
+                        job.it = iter(job.generation)
+                        turns.append(job)
             except queue.Empty:
                 pass
-            for job in list(active):
+            for job in list(turns):
                 if job.cancelled:
                     job.it.close()
-                    self._finish(active, job)
+                    turns.remove(job)
+                    self._finish(job)
                     continue
                 try:
                     if job.switch is not None:
                         job.switch()
                     delta = next(job.it)
                 except StopIteration:
-                    self._finish(active, job, "done", job.generation.result)
+                    turns.remove(job)
+                    self._finish(job, "done", job.generation.result)
                 except Exception as e:  # a bug in one generation must not take the others down
-                    self._finish(active, job, "error", e)
+                    turns.remove(job)
+                    self._finish(job, "error", e)
                 else:
                     job.emit("delta", delta)
+            if rows:
+                self._batch_round(rows)
+
+    def _join(self, job: Job, rows: dict[int, Job]) -> None:
+        try:
+            job.generation.begin()
+            self.batch.add(job.generation.decoder)
+        except Exception as e:
+            self._finish(job, "error", e)
+        else:
+            rows[id(job.generation.decoder)] = job
+
+    def _leave(self, job: Job, rows: dict[int, Job], kind: str | None = None, value=None) -> None:
+        self.batch.drop(job.generation.decoder)
+        del rows[id(job.generation.decoder)]
+        self._finish(job, kind, value)
+
+    def _batch_round(self, rows: dict[int, Job]) -> None:
+        """One token for every batched job: sample, hand each to its job (text, stop), then one forward."""
+        for job in [j for j in rows.values() if j.cancelled]:
+            self._leave(job, rows)
+        try:
+            tokens = self.batch.sample() if rows else []
+            for decoder, tok in tokens:
+                job = rows[id(decoder)]
+                try:
+                    delta, done = job.generation.push(tok)
+                except Exception as e:
+                    self._leave(job, rows, "error", e)
+                    continue
+                if delta:
+                    job.emit("delta", delta)
+                if done:
+                    self._leave(job, rows, "done", job.generation.result)
+            if rows:
+                self.widest = max(self.widest, len(rows))
+                self.batch.step()
+        except Exception as e:  # the batched forward failed: every job in it ends with the error
+            for job in list(rows.values()):
+                self._leave(job, rows, "error", e)
 
 
 class TextPart(BaseModel):
@@ -261,7 +323,7 @@ def create_app(model, tok, config: dict, *, limits: Limits = Limits(), sampling:
 
     @asynccontextmanager
     async def lifespan(app):
-        state["engine"] = Engine(limits.max_open)
+        state["engine"] = Engine(limits.max_open, model if memory is None else None)
         yield
         state["engine"].stop()
 
