@@ -400,15 +400,17 @@ class Batch:
     Distributed Serving System for Transformer-Based Generative Models"). The rows share one KV cache timeline:
     each row's tokens end at the newest position and the row is left-padded before them, so one step feeds every
     row's last token at the same position and `GPT.hidden`'s `pad` keeps each row's positions and attention its
-    own. A joining row is prefilled alone in its Decoder's own cache, exactly as a lone reply is, and its keys and
-    values are copied into the batch: when its prompt is longer than the timeline, the timeline grows to the right
-    (every other row gains padding); when rows leave, padding every row shares is cut off again. A row whose
-    window is full re-windows as a lone Decoder does (keeps the newest block_size // 2 tokens, prefilled again,
-    alone), so prompts, sampling, repetition penalty and re-windowing follow the Decoder's rules row by row.
+    own. Rows that join together are prefilled together (left-padded, as in generate_batch), one that joins alone
+    in its Decoder's own cache, and their keys and values are copied into the batch: when a prompt is longer than
+    the timeline, the timeline grows to the right (every other row gains padding); when rows leave, padding every
+    row shares is cut off again. A row whose window is full re-windows as a lone Decoder does (keeps the newest
+    block_size // 2 tokens and prefills them again, alone), so prompts, sampling, repetition penalty and
+    re-windowing follow the Decoder's rules row by row.
 
-    What it cannot promise is bit-equality with a lone reply: a (B, n_embd) matrix product may round the last bit
-    of a row differently from a (1, n_embd) one, so a near-tie can break the other way. Prefills are alone and
-    hence exact. Not for memory attention models (each row's memory would need its own slots): `batchable`.
+    On this CPU build every row comes out bit for bit as the lone Decoder's (the tests check it, sampled rows
+    included), but nothing guarantees it in general: a (B, n_embd) matrix product may round a row's last bit
+    differently from a (1, n_embd) one (GPU kernels do), and then a near-tie can break the other way. Not for
+    memory attention models (each row's memory would need its own slots): see `batchable`.
     """
 
     def __init__(self, model):
@@ -428,14 +430,30 @@ class Batch:
         return len(self.rows)
 
     @torch.inference_mode()
-    def add(self, decoder: Decoder) -> None:
-        """Prefill `decoder`'s prompt alone and make it a row; its first token is sampled by the next `sample`."""
-        if decoder.cache is None or decoder.remembers:
-            raise ValueError("a batch needs cached Decoders of a model without memory attention")
-        row = _Row(decoder, decoder.n_prompt, 0)
-        decoder.cache.reset()
-        row.logits = decoder._logits(decoder.ids[:, :row.n])
-        self._place(row, row.n)
+    def add(self, *decoders: Decoder) -> None:
+        """Prefill the decoders' prompts (together, left-padded as in generate_batch) and make them rows; their first
+        tokens are sampled by the next `sample`."""
+        for d in decoders:
+            if d.cache is None or d.remembers:
+                raise ValueError("a batch needs cached Decoders of a model without memory attention")
+        if len(decoders) == 1:  # alone: in the decoder's own cache, exactly as a lone reply
+            d = decoders[0]
+            d.cache.reset()
+            row = _Row(d, d.n_prompt, 0, logits=d._logits(d.ids[:, :d.n_prompt]))
+            self._place(row, [buf[:, :, :row.n] for buf in d.cache.kv])
+            return
+        width = max(d.n_prompt for d in decoders)
+        pad = torch.tensor([width - d.n_prompt for d in decoders], device=self.device)
+        idx = torch.zeros(len(decoders), width, dtype=torch.long, device=self.device)
+        for b, d in enumerate(decoders):
+            idx[b, width - d.n_prompt:] = d.ids[0, :d.n_prompt]
+        cache = self.model.new_cache(len(decoders), self.device, self.dtype)
+        h = self.model.hidden(idx, self._personas(decoders), cache, pad)[:, -1]
+        logits = self.model.lm_head(h).float()
+        for b, d in enumerate(decoders):
+            d.last_hidden = h[b:b + 1]
+            row = _Row(d, d.n_prompt, 0, logits=logits[b:b + 1])
+            self._place(row, [buf[b:b + 1, :, width - d.n_prompt:width] for buf in cache.kv])
 
     def drop(self, decoder: Decoder) -> None:
         """The row of `decoder` leaves (finished or cancelled); its cache row is freed at once."""
@@ -471,10 +489,7 @@ class Batch:
             rows = self.rows
             idx = torch.stack([r.decoder.ids[0, r.n - 1] for r in rows]).view(-1, 1)
             pad = torch.tensor([self.length - r.cached for r in rows], device=self.device)
-            persona = None
-            if any(r.decoder.persona is not None for r in rows):
-                persona = torch.cat([r.decoder.persona if r.decoder.persona is not None
-                                     else torch.zeros(1, dtype=torch.long, device=self.device) for r in rows])
+            persona = self._personas([r.decoder for r in rows])
             cache = _SharedCache(self.kv, self.length)
             onednn = torch.backends.mkldnn.enabled  # one token per row: as Decoder._logits, without oneDNN
             torch.backends.mkldnn.enabled = False
@@ -492,19 +507,28 @@ class Batch:
             row.start = row.n - self.keep
             row.decoder.cache.reset()
             row.logits = row.decoder._logits(row.decoder.ids[:, row.start:row.n])
-            self._place(row, row.n - row.start)
+            self._place(row, [buf[:, :, :row.n - row.start] for buf in row.decoder.cache.kv])
 
-    def _place(self, row: "_Row", c: int) -> None:
-        """Copy the c tokens in `row.decoder.cache` into a new row ending at the timeline's newest position."""
+    def _personas(self, decoders: Sequence[Decoder]) -> torch.Tensor | None:
+        """(B,) persona ids, persona 0 for rows that name none (as GPT.hidden's default); None when none does."""
+        if all(d.persona is None for d in decoders):
+            return None
+        zero = torch.zeros(1, dtype=torch.long, device=self.device)
+        return torch.cat([zero if d.persona is None else d.persona for d in decoders])
+
+    def _place(self, row: "_Row", kv: list[torch.Tensor]) -> None:
+        """Make `row` a new row of the batch holding `kv` (per layer (1, 2 * n_kv_head, c, head_dim): its c tokens),
+        ending at the timeline's newest position."""
+        c = kv[0].shape[2]
         if c > self.length:  # the timeline grows to the right: every row so far gains c - length of padding
             self._shift(c - self.length)
-        src = row.decoder.cache.kv
         if not self.kv:
-            self.kv = [torch.zeros((0, *buf.shape[1:]), device=self.device, dtype=buf.dtype) for buf in src]
+            shape = (0, kv[0].shape[1], self.block, kv[0].shape[3])
+            self.kv = [torch.zeros(shape, device=self.device, dtype=t.dtype) for t in kv]
         new = []
         for layer, buf in enumerate(self.kv):
             line = torch.zeros((1, *buf.shape[1:]), device=self.device, dtype=buf.dtype)
-            line[:, :, self.length - c:self.length] = src[layer][:, :, :c]
+            line[:, :, self.length - c:self.length] = kv[layer]
             new.append(torch.cat([buf, line]))
         self.kv = new
         row.cached = c

@@ -87,8 +87,8 @@ class Engine:
     """The worker thread that owns the model. Each round it admits new jobs, then advances every open one:
 
     - with `model` given (and batchable, see generate.Batch), replies are decoded together by continuous
-      batching: one batched forward per round for all of them, one token each; a job joins (its prompt prefilled
-      alone) and leaves (finished or cancelled, its cache row freed) between rounds, whatever its sampling
+      batching: one batched forward per round for all of them, one token each; jobs join (the prompts that
+      arrived since the last round prefilled together) and leave (finished or cancelled, its cache row freed) between rounds, whatever its sampling
       settings, stop strings and length;
     - otherwise, and for jobs that switch weights before each step (a user's weight memory: rows of one forward
       share one set of weights), jobs take turns, one text delta each.
@@ -136,18 +136,21 @@ class Engine:
         turns: list[Job] = []            # jobs taking turns
         rows: dict[int, Job] = {}        # batched jobs by id(their Decoder)
         while True:
+            joining: list[Job] = []
             try:
                 while True:  # admit everything waiting; block only when there is nothing to do
-                    job = self.inbox.get(block=not (turns or rows))
+                    job = self.inbox.get(block=not (turns or rows or joining))
                     if job is None:
                         return
                     if self._batches(job):
-                        self._join(job, rows)
+                        joining.append(job)
                     else:
                         job.it = iter(job.generation)
                         turns.append(job)
             except queue.Empty:
                 pass
+            if joining:
+                self._join(joining, rows)
             for job in list(turns):
                 if job.cancelled:
                     job.it.close()
@@ -169,14 +172,17 @@ class Engine:
             if rows:
                 self._batch_round(rows)
 
-    def _join(self, job: Job, rows: dict[int, Job]) -> None:
+    def _join(self, jobs: list[Job], rows: dict[int, Job]) -> None:
+        """New rows, their prompts prefilled together in one forward."""
         try:
-            job.generation.begin()
-            self.batch.add(job.generation.decoder)
+            for job in jobs:
+                job.generation.begin()
+            self.batch.add(*(job.generation.decoder for job in jobs))
         except Exception as e:
-            self._finish(job, "error", e)
+            for job in jobs:
+                self._finish(job, "error", e)
         else:
-            rows[id(job.generation.decoder)] = job
+            rows.update((id(job.generation.decoder), job) for job in jobs)
 
     def _leave(self, job: Job, rows: dict[int, Job], kind: str | None = None, value=None) -> None:
         self.batch.drop(job.generation.decoder)
