@@ -467,15 +467,38 @@ class Batch:
 
     @torch.inference_mode()
     def sample(self) -> list[tuple[Decoder, int]]:
-        """Each row's next token from its pending logits, with the row's own sampling settings and generator."""
+        """Each row's next token from its pending logits, with the row's own sampling settings and generator.
+
+        The same operations as the lone `apply_repetition_penalty` and `sample`, on all rows at once: the penalty
+        as one masked update (each row's penalised tokens kept as a mask, `_Row.seen`), temperature and the top-k /
+        top-p filters on the rows that share settings; only the draw itself is per row (each row's generator)."""
+        rows = self.rows
+        if not rows:
+            return []
+        decoders = [r.decoder for r in rows]
+        logits = torch.cat([r.logits for r in rows])
+        penalty = torch.tensor([d.repetition_penalty for d in decoders], device=self.device).view(-1, 1)
+        if bool((penalty != 1.0).any()):
+            seen = torch.cat([r.seen for r in rows]) & (penalty != 1.0)
+            logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        toks = logits.argmax(-1)
+        groups: dict[tuple, list[int]] = {}
+        for b, d in enumerate(decoders):
+            if d.temperature > 0:
+                groups.setdefault((d.top_k, d.top_p), []).append(b)
+        for (top_k, top_p), members in groups.items():
+            index = torch.tensor(members, device=self.device)
+            temperature = torch.tensor([decoders[b].temperature for b in members], device=self.device).view(-1, 1)
+            probs = filter_logits(logits[index].float() / temperature, top_k, top_p).softmax(-1)
+            for i, b in enumerate(members):
+                toks[b] = torch.multinomial(probs[i:i + 1], 1, generator=decoders[b].generator)[0, 0]
         out = []
-        for row in self.rows:
+        for row, tok in zip(rows, toks.tolist()):
             d = row.decoder
-            logits = apply_repetition_penalty(row.logits, d.ids[:, :row.n], d.repetition_penalty, d.exempt)
-            tok = sample(logits, d.temperature, d.top_k, d.top_p, d.generator)
-            d.ids[:, row.n] = tok
+            d.ids[0, row.n] = tok
             row.n += 1
-            out.append((d, int(tok)))
+            row.seen[0, tok] = d.exempt is None or not bool(d.exempt[tok])
+            out.append((d, tok))
         return out
 
     @torch.inference_mode()
@@ -520,6 +543,12 @@ class Batch:
         """Make `row` a new row of the batch holding `kv` (per layer (1, 2 * n_kv_head, c, head_dim): its c tokens),
         ending at the timeline's newest position."""
         c = kv[0].shape[2]
+        if row.seen is None:
+            d = row.decoder
+            row.seen = torch.zeros(1, self.model.cfg.vocab_size, dtype=torch.bool, device=self.device)
+            row.seen[0, d.ids[0, :row.n]] = True
+            if d.exempt is not None:
+                row.seen &= ~d.exempt
         if c > self.length:  # the timeline grows to the right: every row so far gains c - length of padding
             self._shift(c - self.length)
         if not self.kv:
@@ -560,6 +589,7 @@ class _Row:
     start: int               # where the current window begins in decoder.ids
     cached: int = 0          # this row's tokens in the batch cache, ending at the timeline's newest position
     logits: torch.Tensor | None = None  # (1, vocab): the next token's, not yet sampled
+    seen: torch.Tensor | None = None    # (1, vocab) bool: the tokens the repetition penalty applies to
 
 
 class _SharedCache(KVCache):
