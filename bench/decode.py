@@ -1,4 +1,4 @@
-"""Batch-1 decode speed with and without the KV cache, fp32 and bf16 weights.
+"""Batch-1 decode speed with and without the KV cache, fp32, bf16 and int8 weights (persona_lm.quant).
 
     .venv/bin/python bench/decode.py [--configs default,core] [--repeat 3] [--threads 2] [--new 256] [--model DIR]
 
@@ -12,8 +12,14 @@ re-window, no detokenisation), the figure that per-step optimisations move.
 Weights are random (speed does not depend on them); --model adds a trained model folder (models/final) with a
 chat prompt. Other jobs on a small machine make timings noisy, so each figure is the best of --repeat runs and
 the load average is printed with them. For bf16 the script also says whether greedy output equals fp32's and
-the top-1 agreement when both read fp32's greedy sequence (teacher forcing). Only a trained model makes that
-comparison meaningful: a randomly initialised one mostly repeats one token (the `distinct` column).
+the top-1 agreement when both read fp32's greedy sequence (teacher forcing); so does int8. Only a trained model
+makes that comparison meaningful: a randomly initialised one mostly repeats one token (the `distinct` column).
+
+Weights-read bound: a batch-1 decode step reads every linear weight and the output projection once (embedding
+rows, norms and the KV cache are small beside them), so tokens/s <= memory bandwidth / those bytes (`weights MB`,
+in the row's dtype; int8 counts its scales too). The bandwidth is measured here: the best of 5 sums of a 256 MiB
+fp32 tensor, i.e. the rate at which these threads read main memory. A model whose weights fit in the last-level
+cache (32 MiB on the 2-core dev box) can beat that bound; the `bound` column is then not a limit.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from persona_lm.generate import Decoder, generate
 from persona_lm.model import GPT, GPTConfig
+from persona_lm.quant import Int8Linear, quantize_int8
 from persona_lm.tokenizer import ChatTokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +67,32 @@ def trained_model(path: str):
     from persona_lm.train.checkpoint import load_model
     model, tok, _ = load_model(Path(path))
     return model, tok, tok.prompt([{"from": "human", "value": "Hi! How was your day? Tell me about it."}])
+
+
+def bandwidth() -> float:
+    """Main-memory read bandwidth in bytes/s: the best of 5 sums of a 256 MiB fp32 tensor (far beyond any cache)."""
+    x = torch.ones(64 << 20)
+    x.sum()  # warm-up: pages touched, threads started
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: the linear layers of the blocks and the output projection (biases
+    and int8 scales included); the emotion head is read once per reply, not per token."""
+    total = 0
+    for m in model.modules():
+        if m is model.emotion_head:
+            continue
+        if isinstance(m, nn.Linear):
+            total += sum(p.numel() * p.element_size() for p in (m.weight, m.bias) if p is not None)
+        elif isinstance(m, Int8Linear):
+            total += sum(b.numel() * b.element_size() for b in m.buffers())
+    return total
 
 
 def run(model, tok, prompt, new, use_cache, repeat):
@@ -102,16 +136,21 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus; {load()}")
-    print(f"{'config':8} {'params':>7} {'dtype':5} {'cache':5} {'best tok/s':>10} {'median':>7} {'step tok/s':>10} {'distinct':>8}  notes")
+    bw = bandwidth()
+    print(f"memory bandwidth (read, {torch.get_num_threads()} threads): {bw / 1e9:.1f} GB/s")
+    print(f"{'config':8} {'params':>7} {'dtype':5} {'cache':5} {'best tok/s':>10} {'median':>7} {'step tok/s':>10} "
+          f"{'weights MB':>10} {'bound tok/s':>11} {'distinct':>8}  notes")
     cases = [(name, lambda name=name: random_model(name, args.prompt)) for name in args.configs.split(",") if name]
     if args.model:
         cases.append(("trained", lambda: trained_model(args.model)))
     for name, make in cases:
         fp32, tok, prompt = make()
         bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+        int8 = quantize_int8(copy.deepcopy(fp32))
         params = f"{fp32.param_counts()['total'] / 1e6:.1f}M"
         ref = None
-        for dtype, model in (("fp32", fp32), ("bf16", bf16)):
+        for dtype, model in (("fp32", fp32), ("bf16", bf16), ("int8", int8)):
+            wb = weight_bytes(model)
             for use_cache in (True, False):
                 if not use_cache and args.no_uncached:
                     continue
@@ -126,10 +165,10 @@ def main() -> None:
                     note = f"differs from fp32 cached after {same} tokens"
                 else:
                     note = "same tokens as fp32 cached"
-                if dtype == "bf16" and use_cache:
-                    note += f"; teacher-forced top-1 agreement {agreement(fp32, bf16, prompt, ref):.1%}"
+                if dtype != "fp32" and use_cache:
+                    note += f"; teacher-forced top-1 agreement {agreement(fp32, model, prompt, ref):.1%}"
                 print(f"{name:8} {params:>7} {dtype:5} {'yes' if use_cache else 'no':5} {best:10.1f} {med:7.1f} {step} "
-                      f"{len(set(ids)):8}  {note}", flush=True)
+                      f"{wb / 1e6:10.1f} {bw / wb:11.1f} {len(set(ids)):8}  {note}", flush=True)
     print(load())
 
 

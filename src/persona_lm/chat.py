@@ -208,19 +208,21 @@ def run(chat: Chat, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, inte
     return 0
 
 
-def main(model_dir: str | Path, user: str | None = None, memory_dir: str | Path | None = "memory", **sampling) -> int:
-    """Load the model folder and chat as `user` (default: the OS user), with that user's weight memory from
-    `memory_dir` (None: memory off); PersonaError (no folder, bad files) is reported by the CLI."""
-    import torch
-
-    from persona_lm.train.checkpoint import load_model
+def main(model_dir: str | Path, user: str | None = None, memory_dir: str | Path | None = "memory",
+         dtype: str = "fp32", **sampling) -> int:
+    """Load the model folder in `dtype` (quant.DTYPES) and chat as `user` (default: the OS user), with that user's
+    weight memory from `memory_dir` (None: memory off; always off with int8 weights, which LoRA cannot train);
+    PersonaError (no folder, bad files) is reported by the CLI."""
+    from persona_lm import quant
 
     if not 0 <= sampling.get("temperature", 0.8) <= 5:
         raise PersonaError(f"--temperature must be from 0 to 5, got {sampling['temperature']}")
     if sampling.get("max_new_tokens", 128) < 1:
         raise PersonaError(f"--max-new-tokens must be at least 1, got {sampling['max_new_tokens']}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok, config = load_model(Path(model_dir), device=device)
+    model, tok, config = quant.load(model_dir, dtype)
+    if dtype == "int8" and memory_dir is not None:
+        note("[--dtype int8: weight memory is off in this session (it trains LoRA on the weights)]")
+        memory_dir = None
     memory = None
     if memory_dir is not None:
         from persona_lm.memory import Memory, load_config

@@ -471,16 +471,16 @@ async def _sse(job: Job, rid: str, created: int, model_id: str, include_usage: b
 
 
 def main(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
-         sampling: Sampling = Sampling(), memory_dir: str | Path | None = None) -> int:
-    """Load the model folder and serve until interrupted. Binds the socket first so the printed URL is the
-    real one (port 0 picks a free port: tests use it)."""
-    import torch
+         sampling: Sampling = Sampling(), memory_dir: str | Path | None = None, dtype: str = "fp32") -> int:
+    """Load the model folder in `dtype` (quant.DTYPES) and serve until interrupted. Binds the socket first so the
+    printed URL is the real one (port 0 picks a free port: tests use it)."""
     import uvicorn
 
-    from persona_lm.train.checkpoint import load_model
+    from persona_lm import quant
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok, config = load_model(Path(model_dir), device=device)
+    if dtype == "int8" and memory_dir is not None:
+        raise PersonaError("--memory needs trainable weights (LoRA): use --dtype fp32 or bf16 with it, not int8")
+    model, tok, config = quant.load(model_dir, dtype)
     bank = None
     if memory_dir is not None:
         from persona_lm.memory import Bank
