@@ -16,7 +16,7 @@ export SE_AVOID_STATS := true
 # Stage commands say `python`: make it the environment's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test bench clean
+.PHONY: setup repro test test-gguf bench clean
 
 setup: $(STAMP) $(PLOTS_JS_STAMP)
 
@@ -35,6 +35,18 @@ repro: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# llama.cpp's Python binding, built from source (PyPI has no wheels): portable code, no examples/tools/server.
+LLAMA_CPP_STAMP := $(VENV)/.llama_cpp
+$(LLAMA_CPP_STAMP): constraints.txt | $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-binary llama-cpp-python -c constraints.txt llama-cpp-python
+	touch $(LLAMA_CPP_STAMP)
+
+# The GGUF export checked by llama.cpp itself (tests marked gguf; `make test` skips them without llama-cpp-python).
+test-gguf: setup $(LLAMA_CPP_STAMP)
+	PERSONA_LM_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q -m gguf
 
 bench: setup
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[bench]"

@@ -65,7 +65,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     return chat(args.model, user=args.user, memory_dir=args.memory, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-                seed=args.seed)
+                seed=args.seed, dtype=args.dtype)
 
 
 def _remember(args: argparse.Namespace) -> int:
@@ -92,7 +92,10 @@ def _remember(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from persona_lm.export import FORMATS
 
-    out = FORMATS[args.format](args.model, args.out, persona=args.persona)
+    if args.quant is not None and args.format != "gguf":
+        raise PersonaError(f"--quant only applies to --format gguf, not {args.format}")
+    extra = {"quant": args.quant or "f16"} if args.format == "gguf" else {}
+    out = FORMATS[args.format](args.model, args.out, persona=args.persona, **extra)
     print(f"wrote {out}")
     return 0
 
@@ -110,7 +113,8 @@ def _serve(args: argparse.Namespace) -> int:
             raise PersonaError(f"{name} must be at least {low}, got {value}")
     if args.max_new_tokens > args.max_tokens_limit:
         raise PersonaError(f"--max-new-tokens ({args.max_new_tokens}) exceeds --max-tokens-limit ({args.max_tokens_limit})")
-    return serve(args.model, host=args.host, port=args.port, limits=limits, sampling=sampling, memory_dir=args.memory)
+    return serve(args.model, host=args.host, port=args.port, limits=limits, sampling=sampling, memory_dir=args.memory,
+                 dtype=args.dtype)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -119,6 +123,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="weights: fp32 (default), bf16, or int8 (weight-only, CPU; faster batch-1 decode, see README)")
 
 
 def _memory_args(p: argparse.ArgumentParser) -> None:
@@ -152,10 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-scrub", action="store_true", help="keep emails, URLs, phone numbers, IBANs and cards")
     p.set_defaults(func=_messages)
 
-    p = sub.add_parser("export", help="write a model folder as a transformers folder (hf) or a peft adapter (peft)")
-    p.add_argument("out", help="the folder to write (replaced atomically if it holds an earlier export)")
-    p.add_argument("--format", choices=["hf", "peft"], default="hf",
-                   help="hf: a transformers model (adapters merged); peft: a base-model run's adapter")
+    p = sub.add_parser("export", help="write a model folder as a transformers folder (hf), a peft adapter (peft) "
+                                      "or a GGUF file for llama.cpp / Ollama (gguf)")
+    p.add_argument("out", help="the folder to write, or the .gguf file (replaced atomically if it holds an earlier "
+                               "export)")
+    p.add_argument("--format", choices=["hf", "peft", "gguf"], default="hf",
+                   help="hf: a transformers model (adapters merged); peft: a base-model run's adapter; gguf: one "
+                        "file for llama.cpp, plus an Ollama Modelfile beside it")
+    p.add_argument("--quant", choices=["f16", "q8_0"], default=None,
+                   help="gguf only: weight type of the matrices (default: f16)")
     p.add_argument("--model", default="models/final", help="model folder (default: models/final)")
     p.add_argument("--persona", type=int, default=0, help="persona index folded into the weights (default: 0)")
     p.set_defaults(func=_export)
