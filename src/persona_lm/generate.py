@@ -476,6 +476,18 @@ class Batch:
         if not rows:
             return []
         decoders = [r.decoder for r in rows]
+        if len(rows) == 1:  # alone: the lone Decoder's own calls
+            d, row = decoders[0], rows[0]
+            logits = apply_repetition_penalty(row.logits, d.ids[:, :row.n], d.repetition_penalty, d.exempt)
+            row.seen = None  # not kept up to date alone: rebuilt when the row has company
+            return self._record([int(sample(logits, d.temperature, d.top_k, d.top_p, d.generator))])
+        for row in rows:
+            if row.seen is None:
+                d = row.decoder
+                row.seen = torch.zeros(1, self.model.cfg.vocab_size, dtype=torch.bool, device=self.device)
+                row.seen[0, d.ids[0, :row.n]] = True
+                if d.exempt is not None:
+                    row.seen &= ~d.exempt
         logits = torch.cat([r.logits for r in rows])
         penalty = torch.tensor([d.repetition_penalty for d in decoders], device=self.device).view(-1, 1)
         if bool((penalty != 1.0).any()):
@@ -492,12 +504,16 @@ class Batch:
             probs = filter_logits(logits[index].float() / temperature, top_k, top_p).softmax(-1)
             for i, b in enumerate(members):
                 toks[b] = torch.multinomial(probs[i:i + 1], 1, generator=decoders[b].generator)[0, 0]
+        return self._record(toks.tolist())
+
+    def _record(self, toks: list[int]) -> list[tuple[Decoder, int]]:
         out = []
-        for row, tok in zip(rows, toks.tolist()):
+        for row, tok in zip(self.rows, toks):
             d = row.decoder
             d.ids[0, row.n] = tok
             row.n += 1
-            row.seen[0, tok] = d.exempt is None or not bool(d.exempt[tok])
+            if row.seen is not None:
+                row.seen[0, tok] = d.exempt is None or not bool(d.exempt[tok])
             out.append((d, tok))
         return out
 
@@ -510,8 +526,13 @@ class Batch:
         if self.rows:
             self._compact()
             rows = self.rows
-            idx = torch.stack([r.decoder.ids[0, r.n - 1] for r in rows]).view(-1, 1)
-            pad = torch.tensor([self.length - r.cached for r in rows], device=self.device)
+            if len(rows) == 1:
+                idx = rows[0].decoder.ids[:, rows[0].n - 1:rows[0].n]
+            else:
+                idx = torch.stack([r.decoder.ids[0, r.n - 1] for r in rows]).view(-1, 1)
+            pad = [self.length - r.cached for r in rows]
+            # no padding (one row, or rows of one length): the plain causal path, as a lone Decoder takes
+            pad = torch.tensor(pad, device=self.device) if any(pad) else None
             persona = self._personas([r.decoder for r in rows])
             cache = _SharedCache(self.kv, self.length)
             onednn = torch.backends.mkldnn.enabled  # one token per row: as Decoder._logits, without oneDNN
@@ -543,12 +564,6 @@ class Batch:
         """Make `row` a new row of the batch holding `kv` (per layer (1, 2 * n_kv_head, c, head_dim): its c tokens),
         ending at the timeline's newest position."""
         c = kv[0].shape[2]
-        if row.seen is None:
-            d = row.decoder
-            row.seen = torch.zeros(1, self.model.cfg.vocab_size, dtype=torch.bool, device=self.device)
-            row.seen[0, d.ids[0, :row.n]] = True
-            if d.exempt is not None:
-                row.seen &= ~d.exempt
         if c > self.length:  # the timeline grows to the right: every row so far gains c - length of padding
             self._shift(c - self.length)
         if not self.kv:
@@ -589,7 +604,7 @@ class _Row:
     start: int               # where the current window begins in decoder.ids
     cached: int = 0          # this row's tokens in the batch cache, ending at the timeline's newest position
     logits: torch.Tensor | None = None  # (1, vocab): the next token's, not yet sampled
-    seen: torch.Tensor | None = None    # (1, vocab) bool: the tokens the repetition penalty applies to
+    seen: torch.Tensor | None = None    # (1, vocab) bool: the tokens the repetition penalty applies to (batched)
 
 
 class _SharedCache(KVCache):
