@@ -440,7 +440,7 @@ class Batch:
             d = decoders[0]
             d.cache.reset()
             row = _Row(d, d.n_prompt, 0, logits=d._logits(d.ids[:, :d.n_prompt]))
-            self._place(row, [buf[:, :, :row.n] for buf in d.cache.kv])
+            self._place([row], [[buf[:, :, :row.n] for buf in d.cache.kv]])
             return
         width = max(d.n_prompt for d in decoders)
         pad = torch.tensor([width - d.n_prompt for d in decoders], device=self.device)
@@ -450,10 +450,12 @@ class Batch:
         cache = self.model.new_cache(len(decoders), self.device, self.dtype)
         h = self.model.hidden(idx, self._personas(decoders), cache, pad)[:, -1]
         logits = self.model.lm_head(h).float()
+        rows = []
         for b, d in enumerate(decoders):
             d.last_hidden = h[b:b + 1]
-            row = _Row(d, d.n_prompt, 0, logits=logits[b:b + 1])
-            self._place(row, [buf[b:b + 1, :, width - d.n_prompt:width] for buf in cache.kv])
+            rows.append(_Row(d, d.n_prompt, 0, logits=logits[b:b + 1]))
+        self._place(rows, [[buf[b:b + 1, :, width - d.n_prompt:width] for buf in cache.kv]
+                           for b, d in enumerate(decoders)])
 
     def drop(self, decoder: Decoder) -> None:
         """The row of `decoder` leaves (finished or cancelled); its cache row is freed at once."""
@@ -551,7 +553,7 @@ class Batch:
             row.start = row.n - self.keep
             row.decoder.cache.reset()
             row.logits = row.decoder._logits(row.decoder.ids[:, row.start:row.n])
-            self._place(row, [buf[:, :, :row.n - row.start] for buf in row.decoder.cache.kv])
+            self._place([row], [[buf[:, :, :row.n - row.start] for buf in row.decoder.cache.kv]])
 
     def _personas(self, decoders: Sequence[Decoder]) -> torch.Tensor | None:
         """(B,) persona ids, persona 0 for rows that name none (as GPT.hidden's default); None when none does."""
@@ -560,23 +562,26 @@ class Batch:
         zero = torch.zeros(1, dtype=torch.long, device=self.device)
         return torch.cat([zero if d.persona is None else d.persona for d in decoders])
 
-    def _place(self, row: "_Row", kv: list[torch.Tensor]) -> None:
-        """Make `row` a new row of the batch holding `kv` (per layer (1, 2 * n_kv_head, c, head_dim): its c tokens),
-        ending at the timeline's newest position."""
-        c = kv[0].shape[2]
-        if c > self.length:  # the timeline grows to the right: every row so far gains c - length of padding
-            self._shift(c - self.length)
+    def _place(self, rows: list["_Row"], kvs: list[list[torch.Tensor]]) -> None:
+        """Make `rows` new rows of the batch, row i holding `kvs[i]` (per layer (1, 2 * n_kv_head, c_i, head_dim):
+        its c_i tokens) and ending at the timeline's newest position."""
+        longest = max(kv[0].shape[2] for kv in kvs)
+        if longest > self.length:  # the timeline grows to the right: the rows so far gain padding
+            self._shift(longest - self.length)
+        first = kvs[0]
         if not self.kv:
-            shape = (0, kv[0].shape[1], self.block, kv[0].shape[3])
-            self.kv = [torch.zeros(shape, device=self.device, dtype=t.dtype) for t in kv]
-        new = []
+            shape = (0, first[0].shape[1], self.block, first[0].shape[3])
+            self.kv = [torch.zeros(shape, device=self.device, dtype=t.dtype) for t in first]
+        L = self.length
         for layer, buf in enumerate(self.kv):
-            line = torch.zeros((1, *buf.shape[1:]), device=self.device, dtype=buf.dtype)
-            line[:, :, self.length - c:self.length] = kv[layer]
-            new.append(torch.cat([buf, line]))
-        self.kv = new
-        row.cached = c
-        self.rows.append(row)
+            lines = torch.zeros((len(rows), *buf.shape[1:]), device=self.device, dtype=buf.dtype)
+            for i, kv in enumerate(kvs):
+                c = kv[layer].shape[2]
+                lines[i, :, L - c:L] = kv[layer][0]
+            self.kv[layer] = torch.cat([buf, lines])
+        for row, kv in zip(rows, kvs):
+            row.cached = kv[0].shape[2]
+            self.rows.append(row)
 
     def _shift(self, d: int) -> None:
         """Move the timeline d positions to the right (d < 0: to the left, cutting shared padding)."""
