@@ -23,7 +23,7 @@ from persona_lm.errors import PersonaError  # noqa: E402
 from persona_lm.export import export_gguf  # noqa: E402
 from persona_lm.export.gguf import MODELFILE_HEADER, hf_source, write_gguf  # noqa: E402
 from persona_lm.generate import generate  # noqa: E402
-from persona_lm.tokenizer import ChatTokenizer, save_tokenizer, train_tokenizer  # noqa: E402
+from persona_lm.tokenizer import CHAT_TEMPLATE, ChatTokenizer, chat_template, save_tokenizer, train_tokenizer  # noqa: E402
 from persona_lm.train.checkpoint import save_model_dir  # noqa: E402
 
 TURNS = [{"from": "system", "value": "You are Rosie."}, {"from": "human", "value": "Hello there, how are you?"},
@@ -116,7 +116,30 @@ def test_tokenizer_metadata(tmp_path, tokenizer_path):
     assert meta["tokenizer.ggml.eos_token_id"] == tok.end == meta["tokenizer.ggml.eot_token_id"]
     assert meta["tokenizer.ggml.padding_token_id"] == tok.pad and "tokenizer.ggml.bos_token_id" not in meta
     assert meta["tokenizer.ggml.add_bos_token"] is False
-    assert meta["tokenizer.chat_template"].startswith("{%- for message in messages -%}")
+    assert meta["tokenizer.chat_template"].endswith(CHAT_TEMPLATE)
+
+
+def test_chat_template_opens_with_the_persona_system_prompt(tmp_path, tokenizer_path):
+    """llama.cpp only has the template: a conversation without a system message gets the persona's, as in serve."""
+    import jinja2
+
+    src, _ = model_dir(tmp_path, tokenizer_path, **FAMILIES["llama-tied"])
+    meta, _ = fields(export_gguf(src, tmp_path / "rosie.gguf"))
+    config = json.loads((src / "config.json").read_text())
+    tok = ChatTokenizer.from_file(tokenizer_path)
+    template = jinja2.Environment().from_string(meta["tokenizer.chat_template"])
+    parsing = Tokenizer.from_file(str(tokenizer_path))  # parses the markers in the text, as llama.cpp does
+
+    def ids(messages):
+        text = template.render(messages=messages, add_generation_prompt=True)
+        return parsing.encode(text, add_special_tokens=False).ids
+
+    user = [{"role": "user", "content": "Hi there!"}]
+    system = {"from": "system", "value": config["system_prompt"]}
+    assert ids(user) == tok.prompt([system, {"from": "human", "value": "Hi there!"}])
+    other = [{"role": "system", "content": "Be brief."}] + user
+    assert ids(other) == tok.prompt([{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi there!"}])
+    assert chat_template("Use {{ braces }}") == CHAT_TEMPLATE  # never template code from a prompt
 
 
 def test_q8_0_quantizes_the_matrices(tmp_path, tokenizer_path):
@@ -161,6 +184,10 @@ def test_existing_files_are_replaced_only_when_ours(tmp_path, tokenizer_path):
         export_gguf(src, out / "rosie.gguf")
     assert (out / "Modelfile").read_text() == "FROM llama3\n" and not (out / "rosie.gguf").exists()
     (out / "Modelfile").unlink()
+    for wrong in (out, tmp_path / "rosie"):  # a folder, or a name a user may take for one
+        with pytest.raises(PersonaError, match="ends in .gguf"):
+            export_gguf(src, wrong)
+    assert not (tmp_path / "rosie").exists() and not (tmp_path / "Modelfile").exists()
     (out / "notes.gguf").write_text("keep me")
     with pytest.raises(PersonaError, match="not a GGUF file"):
         export_gguf(src, out / "notes.gguf")

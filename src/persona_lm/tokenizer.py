@@ -48,6 +48,16 @@ CHAT_TEMPLATE = (
 )
 
 
+def chat_template(system_prompt: str | None = None) -> str:
+    """CHAT_TEMPLATE; with `system_prompt`, a conversation that does not open with a system message gets that one
+    first, as `chat` and `serve` give it (for tools that only have the template: llama.cpp, LM Studio). The prompt
+    is literal template text, so one containing a Jinja delimiter gets the plain template."""
+    if not system_prompt or any(d in system_prompt for d in ("{{", "{%", "{#", "}}", "%}", "#}")):
+        return CHAT_TEMPLATE
+    return ("{%- if not messages or messages[0]['role'] != 'system' -%}" + SYSTEM + system_prompt + END
+            + "{%- endif -%}" + CHAT_TEMPLATE)
+
+
 def emotion_token(label: str) -> str:
     return f"<|emotion:{label}|>"
 

@@ -20,7 +20,10 @@ with llama.cpp's own `gguf` package (GGUF spec: ggml/docs/gguf.md in the ggml re
 Tokenizer: only byte-level BPE with GPT-2's pre-tokenizer (ours, `tokenizer.kind: bpe`) maps onto one of
 llama.cpp's tokenizers exactly ("gpt2" model, "gpt-2" pre-tokenizer); special `<|...|>` tokens are CONTROL tokens,
 which llama.cpp only produces from text when asked to parse specials, as our encoder only inserts them itself.
-The chat template (tokenizer.chat_template) is the Jinja one the HF export carries.
+The chat template (tokenizer.chat_template) is the Jinja one the HF export carries, which also opens a
+conversation without a system message with the persona's system prompt (tokenizer.chat_template()), as `chat` and
+`serve` do: llama.cpp's own chat has nothing else to take it from. Our action markers are CONTROL tokens too, which
+llama.cpp does not print: a reply's `*waves*` reads `waves` there.
 
 A base-model run is exported with export_hf first (the merged base in its own architecture) and converted from
 that folder when its architecture is Llama or GPT-2. Memory attention, option mixes neither architecture has
@@ -44,7 +47,7 @@ import torch
 from persona_lm.errors import PersonaError
 from persona_lm.export.hf import export_hf, family, gpt2_weights, llama_weights
 from persona_lm.io import atomic_path
-from persona_lm.tokenizer import ASSISTANT, CHAT_TEMPLATE, END, EOT, PAD, SYSTEM, USER
+from persona_lm.tokenizer import ASSISTANT, END, EOT, PAD, SYSTEM, USER, chat_template
 
 QUANTS = ("f16", "q8_0")
 MODELFILE_HEADER = "# Ollama Modelfile written by `persona-lm export --format gguf`; the next export replaces it."
@@ -71,6 +74,7 @@ class Source:
     stops: list[str] = field(default_factory=list)
     name: str | None = None
     system_prompt: str | None = None
+    ours: bool = False  # our chat format (the Modelfile then carries it as a Go template)
 
 
 def export_gguf(model_dir: Path, out: Path, persona: int = 0, quant: str = "f16") -> Path:
@@ -105,8 +109,9 @@ def _is_base_run(model_dir: Path) -> bool:
 
 def _check_targets(out: Path, modelfile: Path) -> None:
     """Refuse before any work rather than overwrite a file that is not an earlier export."""
-    if out.is_dir():
-        raise PersonaError(f"{out} is a folder; gguf export writes one file: give a path like {out}/model.gguf")
+    if out.is_dir() or out.suffix != ".gguf":
+        raise PersonaError(f"gguf export writes one file whose name ends in .gguf, beside its Modelfile: give a path "
+                           f"like {out / 'model.gguf' if out.is_dir() or not out.suffix else out.with_suffix('.gguf')}")
     if out.exists():
         with out.open("rb") as f:
             if f.read(4) != b"GGUF":
@@ -132,9 +137,10 @@ def own_source(model, model_dir: Path, meta: dict, persona: int) -> Source:
         config, sd = (gpt2_weights if kind == "gpt2" else llama_weights)(model, persona)
     vocab = json.loads((model_dir / "tokenizer.json").read_text())
     present = {t["content"] for t in vocab.get("added_tokens", [])}
-    return Source(arch=kind, config=config, tensors=sd, tokenizer=vocab, chat_template=CHAT_TEMPLATE, eos=END,
-                  pad=PAD, stops=[t for t in (END, EOT, SYSTEM, USER, ASSISTANT) if t in present],
-                  name=meta.get("persona"), system_prompt=meta.get("system_prompt"))
+    return Source(arch=kind, config=config, tensors=sd, tokenizer=vocab, eos=END, pad=PAD,
+                  chat_template=chat_template(meta.get("system_prompt")),
+                  stops=[t for t in (END, EOT, SYSTEM, USER, ASSISTANT) if t in present],
+                  name=meta.get("persona"), system_prompt=meta.get("system_prompt"), ours=True)
 
 
 def hf_source(folder: Path) -> Source:
@@ -346,7 +352,7 @@ def ollama_modelfile(source: Source, gguf_name: str) -> str:
     from the GGUF's chat template), every end/role marker as a stop, the persona's system prompt, and a context
     no longer than the model's (learned positions end there)."""
     lines = [MODELFILE_HEADER, f"FROM ./{gguf_name}"]
-    if source.chat_template == CHAT_TEMPLATE:
+    if source.ours:
         lines.append(f'TEMPLATE """{OLLAMA_TEMPLATE}"""')
     if source.system_prompt:
         if '"""' in source.system_prompt:
