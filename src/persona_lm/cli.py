@@ -117,6 +117,24 @@ def _serve(args: argparse.Namespace) -> int:
                  dtype=args.dtype)
 
 
+def _tournament(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from persona_lm.tournament import run_tournament
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    try:
+        winner, folder = run_tournament(Path(args.config), restart=args.restart, say=say)
+    except KeyboardInterrupt:
+        say("tournament interrupted; the same command resumes it")
+        return 130
+    print((folder / "results.md").read_text(encoding="utf-8"))
+    say(f"table: {folder / 'results.md'}, plot: {folder / 'val_loss.png'}, winner's params: {folder / 'winner.yaml'}")
+    return 0
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="models/final", help="model folder (default: models/final)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -183,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="models/final", help="model folder (default: models/final)")
     _memory_args(p)
     p.set_defaults(func=_remember)
+
+    p = sub.add_parser("tournament", help="let the data pick the architecture: candidates (params overrides) "
+                       "trained as DVC experiments, the better half kept each round (successive halving)")
+    p.add_argument("--config", default="tournament.yaml", help="candidates and rounds (default: tournament.yaml)")
+    p.add_argument("--restart", action="store_true", help="forget this tournament's runs and start it again")
+    p.set_defaults(func=_tournament)
 
     p = sub.add_parser("serve", help="OpenAI-compatible API and web chat page for a model folder")
     _sampling_args(p)

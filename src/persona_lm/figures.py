@@ -60,6 +60,25 @@ def training_curves(curves: list[Curve], title: str, out: Path) -> Path:
     return _save(fig, out)
 
 
+def tournament_curves(curves: dict[str, tuple[list[int], list[float]]], title: str, out: Path) -> Path:
+    """Val loss at the end of each round a candidate ran, one line per candidate: a line that stops early is a
+    candidate eliminated there."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(CURVE_SIZE)
+    ax = fig.add_subplot()
+    for name, (steps, values) in curves.items():
+        ax.plot(steps, values, label=name, marker="o", linewidth=1.4)
+    ax.set_title(title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("optimizer step (end of round)")
+    ax.set_ylabel("val loss (cross-entropy, nats)")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize="small", ncol=2)
+    return _save(fig, out)
+
+
 def confusion_grid(pairs: list[dict], labels: list[str]) -> tuple[list[str], list[list[int]], list[list[float]]]:
     """(labels, counts[actual][predicted], each row's counts as shares of the row). Labels outside `labels`
     that occur in `pairs` are appended, so no pair is dropped."""

@@ -17,6 +17,12 @@ finds its key by position would find a memory slot from that position too. Each 
 learned bias per head to its memory logits (`memory_bias`, starting at MEMORY_BIAS: memory barely seen, as
 ALiBi's distance penalty sees far tokens (Press et al. 2022)), which training raises where memory pays off.
 Training carries memory across windows without gradient through it, as Transformer-XL does (Dai et al. 2019).
+
+Differential attention (`attention: differential`, DiffAttention) follows Ye et al. 2024, "Differential
+Transformer" (ICLR 2025): each head splits its query and key in two halves, computes two softmax maps and
+attends with their difference, which cancels the attention noise both maps share. Mixture of experts (`mlp: moe`,
+MoE) replaces each block's MLP by `n_experts` SwiGLU experts of which a router picks `top_k` per token, as
+Mixtral does (Jiang et al. 2024), trained with the Switch Transformer's load-balancing loss (Fedus et al. 2022).
 """
 
 from __future__ import annotations
@@ -51,6 +57,10 @@ class GPTConfig:
     memory_layers: tuple[int, ...] = ()  # layers that attend to compressed memory; empty = no memory attention
     memory_compression: int = 4          # consecutive tokens mean-pooled into one memory slot
     memory_slots: int = 128              # memory slots per memory layer, oldest dropped first
+    attention: str = "standard"          # standard | differential (DiffAttention)
+    n_experts: int = 8                   # mlp: moe: SwiGLU experts per block
+    top_k: int = 2                       # mlp: moe: experts each token goes to
+    router_aux_loss_coef: float = 0.01   # mlp: moe: weight of the load-balancing loss in training (train.loop)
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
@@ -58,11 +68,19 @@ class GPTConfig:
         assert all(0 <= i < self.n_layer for i in self.memory_layers), "memory_layers must be in 0..n_layer-1"
         assert self.n_embd % self.n_head == 0, "n_embd must be divisible by n_head"
         assert self.n_head % self.n_kv_head == 0, "n_head must be divisible by n_kv_head"
-        assert self.pos != "rope" or self.head_dim % 2 == 0, "rope needs an even head size"
+        assert self.attention == "standard" or self.head_dim % 2 == 0, "differential attention needs an even head size"
+        assert self.pos != "rope" or self.qk_dim % 2 == 0, "rope needs an even query/key size"
+        assert not (self.attention == "differential" and self.memory_layers), "no memory attention with differential"
+        assert self.mlp != "moe" or 1 <= self.top_k <= self.n_experts, "top_k must be in 1..n_experts"
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def qk_dim(self) -> int:
+        """Size of one query/key that a softmax map scores: half a head with differential attention."""
+        return self.head_dim // 2 if self.attention == "differential" else self.head_dim
 
     @property
     def hidden_dim(self) -> int:
@@ -70,7 +88,7 @@ class GPTConfig:
             return self.mlp_hidden
         if self.mlp == "gelu":
             return 4 * self.n_embd
-        return 32 * math.ceil(8 * self.n_embd / 3 / 32)  # SwiGLU: 2/3 of 4x keeps the parameter count
+        return 32 * math.ceil(8 * self.n_embd / 3 / 32)  # SwiGLU (and each MoE expert): 2/3 of 4x keeps the count
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
@@ -188,8 +206,9 @@ class Memory:
 
 
 def rope_tables(cfg: GPTConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (length, head_dim) in the rotate-half layout that Hugging Face's Llama uses."""
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim))
+    """cos/sin of shape (length, qk_dim) in the rotate-half layout that Hugging Face's Llama uses."""
+    dim = cfg.qk_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
     freqs = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
@@ -199,6 +218,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def extend(cache, layer: int, kv: torch.Tensor, T: int, mask):
+    """(keys+values to attend to, mask, causal) for a chunk of T new positions whose keys and values are `kv`:
+    without a cache the chunk alone, causal unless `mask` says otherwise; with one the cached past too, visible in
+    full (a one-token step needs no mask; a longer chunk on a filled cache is causal within itself)."""
+    causal = mask is None
+    if cache is not None:
+        kv = cache.append(layer, kv)
+        start = kv.shape[2] - T  # memory slots held in front of the window count as past
+        if start > 0:
+            causal = False
+            if T > 1 and mask is None:  # a new chunk on a filled cache: causal within it, full over the past
+                mask = torch.ones(T, kv.shape[2], dtype=torch.bool, device=kv.device).tril(diagonal=start)
+    return kv, mask, causal
 
 
 class Attention(nn.Module):
@@ -232,14 +266,7 @@ class Attention(nn.Module):
         if rope is not None:
             k, v = kv.split_with_sizes([cfg.n_kv_head, cfg.n_kv_head], 1)
             q, kv = apply_rope(q, *rope), torch.cat([apply_rope(k, *rope), v], dim=1)
-        causal = mask is None
-        if cache is not None:
-            kv = cache.append(self.layer, kv)
-            start = kv.shape[2] - T  # memory slots held in front of the window count as past
-            if start > 0:
-                causal = False
-                if T > 1 and mask is None:  # a new chunk on a filled cache: causal within it, full over the past
-                    mask = torch.ones(T, kv.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start)
+        kv, mask, causal = extend(cache, self.layer, kv, T, mask)
         if memory is not None:
             kv, mask = memory.attend(self.layer, fresh, kv, mask, self._parameters.get("memory_bias"))
         k, v = kv.split_with_sizes([cfg.n_kv_head, cfg.n_kv_head], 1)
@@ -250,10 +277,74 @@ class Attention(nn.Module):
         return linear(self.c_proj, y.transpose(1, 2).reshape(B * T, cfg.n_embd))
 
 
+def lambda_init(layer: int) -> float:
+    """Differential attention's λ_init = 0.8 - 0.6 exp(-0.3 (l - 1)) at the 1-based layer l = layer + 1."""
+    return 0.8 - 0.6 * math.exp(-0.3 * layer)
+
+
+class DiffAttention(Attention):
+    """Differential attention (Ye et al. 2024, "Differential Transformer", arXiv 2410.05258, section 2.1). Each
+    head splits its query and key into halves [q1 ; q2], [k1 ; k2] of qk_dim = head_dim / 2 and attends with
+    the difference of two softmax maps, which cancels the attention noise both share:
+
+        (softmax(q1 k1ᵀ / √qk_dim) - λ softmax(q2 k2ᵀ / √qk_dim)) V,     V of the full head_dim,
+        λ = exp(λq1 · λk1) - exp(λq2 · λk2) + λ_init,
+
+    one learned λ per layer, reparameterised by four vectors of qk_dim (initialised N(0, 0.1) as in the paper's
+    code). Each head's output is then RMS-normalised (the paper's GroupNorm; one weight shared by the heads) and
+    scaled by (1 - λ_init). The projections keep the standard shapes (the paper's h = d_model / 2d heads), so the
+    KV cache, grouped-query attention and padded batches work as they do for Attention; RoPE rotates each half
+    on its own (rope_tables are qk_dim wide).
+
+    Both maps come from one scaled_dot_product_attention call over 2 * n_head query heads against the keys as
+    they are: query 2h is [q1, 0] and query 2h + 1 is [0, q2], whose dot products with [k1 ; k2] are q1·k1 and
+    q2·k2 (the pair stays in head h's group of query heads, so grouped-query attention maps it to head h's key).
+    The zeros double the query-key arithmetic, but query, key and value stay one size, which PyTorch's fused CPU
+    kernel needs (two calls with half-size keys fall back to the unfused one, 3x slower in a decode step's
+    attention), and the cached keys need no copy."""
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__(cfg, layer)
+        d = cfg.qk_dim
+        self.lambda_init = lambda_init(layer)
+        self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
+            nn.Parameter(torch.randn(d) * 0.1) for _ in range(4))
+        self.subln = nn.RMSNorm(cfg.head_dim, eps=1e-5)
+        # True where query 2h (first row) and query 2h + 1 (second row) hold zeros: [q1, 0] and [0, q2]
+        hide = torch.zeros(2, 1, cfg.head_dim, dtype=torch.bool)
+        hide[0, :, d:], hide[1, :, :d] = True, True
+        self.register_buffer("hide", hide, persistent=False)
+
+    def forward(self, x, B: int, T: int, rope=None, cache=None, mask=None, memory=None):
+        """As Attention.forward. `memory` holds nothing for this layer: GPTConfig refuses memory attention here."""
+        cfg, d = self.cfg, self.cfg.qk_dim
+        qkv = linear(self.c_attn, x).view(B, T, cfg.n_head + 2 * cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        q, kv = qkv.split_with_sizes([cfg.n_head, 2 * cfg.n_kv_head], 1)
+        if rope is not None:  # (..., T, qk_dim) tables, applied to both halves of each head
+            cos, sin = rope[0].unsqueeze(-2), rope[1].unsqueeze(-2)
+            k, v = kv.split_with_sizes([cfg.n_kv_head, cfg.n_kv_head], 1)
+            q = apply_rope(q.unflatten(-1, (2, d)), cos, sin).flatten(-2)
+            kv = torch.cat([apply_rope(k.unflatten(-1, (2, d)), cos, sin).flatten(-2), v], dim=1)
+        kv, mask, causal = extend(cache, self.layer, kv, T, mask)
+        k, v = kv.split_with_sizes([cfg.n_kv_head, cfg.n_kv_head], 1)
+        q = torch.where(self.hide, 0.0, q.unsqueeze(2)).flatten(1, 2)  # (B, 2 * n_head, T, head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                           dropout_p=cfg.dropout if self.training else 0.0, enable_gqa=True,
+                                           scale=d ** -0.5)
+        y = y.unflatten(1, (cfg.n_head, 2))
+        p = self._parameters
+        lam = (torch.exp(torch.dot(p["lambda_q1"], p["lambda_k1"]))
+               - torch.exp(torch.dot(p["lambda_q2"], p["lambda_k2"])) + self.lambda_init)
+        y = y[:, :, 0] - lam * y[:, :, 1]
+        y = torch.rms_norm(y, (cfg.head_dim,), self.subln._parameters["weight"].to(y.dtype), 1e-5)  # bf16 autocast
+        y = y * (1 - self.lambda_init)
+        return linear(self.c_proj, y.transpose(1, 2).reshape(B * T, cfg.n_embd))
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.swiglu = cfg.mlp != "gelu"  # swiglu, and each expert of moe
         hidden = cfg.hidden_dim
         self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
@@ -268,12 +359,56 @@ class MLP(nn.Module):
         return linear(self.c_proj, h)
 
 
+class MoE(nn.Module):
+    """A top-k routed mixture of SwiGLU experts in place of the MLP (Shazeer et al. 2017, "Outrageously Large Neural
+    Networks"; Mixtral's layout, Jiang et al. 2024): a router scores the n_experts for each token, the token goes
+    to its top_k, and its output is theirs weighted by the router's softmax renormalised over those k. Dropless (no
+    expert capacity): a token's output never depends on the other tokens, so a cached decode, a left-padded
+    batch and the full forward compute the same thing.
+
+    In training each forward appends its load-balancing loss to `losses` (GPT.forward collects them): the
+    Switch Transformer's aux = n_experts · Σ_i f_i · P_i (Fedus et al. 2022, eq. 4), f_i the share of the tokens'
+    top_k choices that went to expert i, P_i the router's mean probability for expert i. It is 1 when the load is
+    uniform and n_experts / top_k when all tokens pick the same experts; f is a count (no gradient), so the loss
+    lowers the probability of the experts that get too many tokens."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.top_k = cfg.top_k
+        self.router = nn.Linear(cfg.n_embd, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.n_experts))
+        self.losses: list[torch.Tensor] = []
+
+    def forward(self, x):
+        """x: (N, n_embd) -> (N, n_embd). The N * top_k (token, expert) choices are sorted by expert, so that each
+        expert runs once, over the rows gathered for it; weighted, its outputs are added back to their tokens."""
+        probs = linear(self.router, x).float().softmax(-1)  # (N, n_experts)
+        weights, chosen = probs.topk(self.top_k, dim=-1)     # (N, top_k)
+        weights = weights / weights.sum(-1, keepdim=True)
+        chosen = chosen.flatten()
+        counts = torch.bincount(chosen, minlength=len(self.experts))
+        if self.training:
+            self.losses.append(len(self.experts) * (counts / chosen.numel() * probs.mean(0)).sum())
+        order = chosen.argsort(stable=True)
+        token = order // self.top_k  # the token of each choice, grouped by expert
+        rows = x[token]
+        out, start = [], 0
+        for expert, n in zip(self.experts, counts.tolist()):
+            if n:
+                out.append(expert.forward(rows[start:start + n]))
+                start += n
+        out = torch.cat(out)
+        out = out * weights.flatten()[order, None].to(out.dtype)
+        return out.new_zeros(x.shape).index_add(0, token, out)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.dropout = cfg.dropout
-        self.ln_1, self.attn = make_norm(cfg), Attention(cfg, layer)
-        self.ln_2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.ln_1 = make_norm(cfg)
+        self.attn = (DiffAttention if cfg.attention == "differential" else Attention)(cfg, layer)
+        self.ln_2, self.mlp = make_norm(cfg), MoE(cfg) if cfg.mlp == "moe" else MLP(cfg)
 
     def forward(self, x, B: int, T: int, rope=None, cache=None, mask=None, memory=None):
         a = self.attn.forward(norm(self.ln_1, x), B, T, rope, cache, mask, memory)
@@ -316,6 +451,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.grad_checkpointing = False
+        self.aux_loss: torch.Tensor | None = None  # mlp: moe, training: the last forward's load-balancing loss
         # GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2*n_layer) so the
         # residual stream's variance does not grow with depth; the persona embedding starts at zero so a
         # single-persona model is exactly a plain LM.
@@ -338,6 +474,8 @@ class GPT(nn.Module):
         """Turn memory attention on (or off: no layers) for a built model, e.g. phase 3 on a model trained without
         it: layers that gain memory get a fresh memory bias (MEMORY_BIAS), those that keep it keep theirs, those
         that lose it lose it (a saved model holds exactly the weights its config builds)."""
+        if memory_layers and self.cfg.attention != "standard":
+            raise ValueError("memory attention needs model.attention: standard")
         self.cfg.memory_layers = tuple(memory_layers)
         self.cfg.memory_compression, self.cfg.memory_slots = memory_compression, memory_slots
         for i, block in enumerate(self.blocks):
@@ -404,8 +542,20 @@ class GPT(nn.Module):
         `idx` (B, K, block_size): K consecutive windows of long sequences, logits of each position once (see
         `windows`).
         Losses are computed by the caller (train.loop), which knows how to normalise them across
-        micro-batches; going through forward() keeps DDP's gradient hooks in the path.
+        micro-batches; going through forward() keeps DDP's gradient hooks in the path. With `mlp: moe` a training
+        forward leaves the routers' load-balancing loss in `aux_loss` (summed over the layers, averaged over the
+        windows of a 3-D idx; see MoE) for the caller to add; otherwise `aux_loss` is None.
         """
+        if self.cfg.mlp != "moe":
+            return self._forward(idx, persona, cache, emotion_index)
+        layers = [block.mlp for block in self.blocks]
+        for m in layers:
+            m.losses.clear()
+        out = self._forward(idx, persona, cache, emotion_index)
+        self.aux_loss = sum(torch.stack(m.losses).mean() for m in layers) if self.training else None
+        return out
+
+    def _forward(self, idx, persona, cache, emotion_index):
         if idx.dim() == 3:
             return self.windows(idx, persona), None
         h = self.hidden(idx, persona, cache)
@@ -433,7 +583,8 @@ class GPT(nn.Module):
         return torch.cat(out, dim=1)
 
     def param_counts(self) -> dict[str, int]:
-        """Parameters per component (tied weights counted once), for the metrics."""
+        """Parameters per component (tied weights counted once), for the metrics: a mixture of experts' router and
+        experts count as mlp, differential attention's λ vectors and head norm as attention."""
         groups = {"embedding": 0, "position": 0, "persona": 0, "attention": 0, "mlp": 0, "norm": 0,
                   "lm_head": 0, "emotion_head": 0}
         for name, p in self.named_parameters():  # named_parameters() yields a tied tensor once

@@ -367,8 +367,16 @@ class Model(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     bias: bool = False
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    mlp: Literal["gelu", "swiglu"] = "gelu"
-    mlp_hidden: int = Field(0, ge=0, description="0 = 4*n_embd for gelu, ~8/3*n_embd for swiglu")
+    attention: Literal["standard", "differential"] = Field(
+        "standard", description="differential: each head attends with the difference of two softmax maps (Ye et "
+        "al. 2024, 'Differential Transformer'); not with memory attention")
+    mlp: Literal["gelu", "swiglu", "moe"] = Field("gelu", description="moe: top_k of n_experts SwiGLU experts per "
+                                                  "token (Mixtral-style, dropless)")
+    mlp_hidden: int = Field(0, ge=0, description="0 = 4*n_embd for gelu, ~8/3*n_embd for swiglu and each moe expert")
+    n_experts: int = Field(8, ge=1, description="mlp: moe: experts per block")
+    top_k: int = Field(2, ge=1, description="mlp: moe: experts each token is routed to, 1..n_experts")
+    router_aux_loss_coef: float = Field(0.01, ge=0, description="mlp: moe: weight of the routers' load-balancing "
+                                        "loss in training (Switch Transformer's alpha)")
     pos: Literal["learned", "rope"] = "learned"
     rope_theta: float = Field(10000.0, gt=0)
     tie_embeddings: bool = True
@@ -381,8 +389,20 @@ class Model(Section):
             raise ValueError(f"n_embd: must be divisible by n_head ({self.n_head}) (got {self.n_embd})")
         if self.n_kv_head and self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head: must divide n_head ({self.n_head}) (got {self.n_kv_head})")
-        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"pos: rope needs an even head size, n_embd/n_head = {self.n_embd // self.n_head}")
+        head = self.n_embd // self.n_head
+        if self.pos == "rope" and head % 2:
+            raise ValueError(f"pos: rope needs an even head size, n_embd/n_head = {head}")
+        if self.attention == "differential":
+            if head % 2 or (self.pos == "rope" and head % 4):
+                need = "divisible by 4 (rope rotates each half)" if self.pos == "rope" else "even"
+                raise ValueError(f"attention: differential splits each head's query and key in two halves: "
+                                 f"n_embd/n_head must be {need} (got {head})")
+            if self.memory.enabled:
+                raise ValueError("attention: differential does not combine with memory attention "
+                                 "(model.memory.enabled: true); set model.attention: standard or "
+                                 "model.memory.enabled: false")
+        if self.mlp == "moe" and self.top_k > self.n_experts:
+            raise ValueError(f"top_k: must be in 1..n_experts ({self.n_experts}) (got {self.top_k})")
         bad = [i for i in self.memory.layers or [] if not 0 <= i < self.n_layer]
         if bad:
             raise ValueError(f"memory.layers: layers are 0..{self.n_layer - 1} (n_layer {self.n_layer}) (got {bad})")
@@ -440,6 +460,21 @@ class Phase(Section):
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: Muon (Jordan et al. 2024) for the 2-D weight matrices inside the transformer "
+        "blocks, AdamW for everything else (embeddings, heads, norms, biases), as modded-nanogpt trains")
+    muon_lr: float | None = Field(None, gt=0, description="peak lr of the Muon matrices, on the same schedule as lr "
+                                  "(scaled by lr_at / lr); null = lr, which match_rms_adamw makes fit (4-12x lr "
+                                  "trained faster on shakespeare-char, bench/speedrun.py)")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon's momentum (an EMA of the gradients)")
+    muon_nesterov: bool = Field(True, description="orthogonalise the Nesterov look-ahead instead of the momentum")
+    muon_ns_steps: int = Field(5, ge=1, lt=100, description="Newton-Schulz iterations that orthogonalise the update")
+    muon_adjust_lr: Literal["match_rms_adamw", "original"] = Field(
+        "match_rms_adamw", description="per-matrix lr scale: match_rms_adamw = 0.2 * sqrt(max(rows, cols)), an update "
+        "of AdamW's RMS so AdamW's lr and weight decay carry over (Liu et al. 2025, 'Muon is Scalable for LLM "
+        "Training'); original = sqrt(max(1, rows / cols)) (Jordan et al. 2024; lr ~0.02 there)")
+    muon_weight_decay: float | None = Field(None, ge=0, description="decoupled weight decay of the Muon matrices, "
+                                            "per step lr * this; null = weight_decay")
     grad_clip: float = Field(1.0, ge=0, description="0 = no clipping")
     eval_interval: int = Field(100, ge=1)
     eval_iters: int = Field(10, ge=1)
@@ -449,12 +484,22 @@ class Phase(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     compile: bool = False
     grad_checkpointing: bool = False
+    stop_at: int | None = Field(None, ge=1, description="stop after this many steps with the lr schedule still "
+                                "planned over max_iters: a budgeted run that a later run with a higher stop_at "
+                                "continues from its checkpoint (persona-lm tournament); null = max_iters")
 
     @model_validator(mode="after")
     def _lrs(self) -> "Phase":
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr: must be <= lr ({self.lr}) (got {self.min_lr})")
+        if self.stop_at is not None and self.stop_at > self.max_iters:
+            raise ValueError(f"stop_at: must be <= max_iters ({self.max_iters}) (got {self.stop_at})")
         return self
+
+    @property
+    def end_step(self) -> int:
+        """The step this run stops at: stop_at, else max_iters."""
+        return self.max_iters if self.stop_at is None else self.stop_at
 
 
 class Pretrain(Phase):
@@ -615,6 +660,23 @@ class Params(Section):
     def _base_personas(self) -> "Params":
         if self.base.model is not None and self.model.n_personas != 1:
             raise ValueError(f"model.n_personas: a base-model run holds one persona (got {self.model.n_personas})")
+        return self
+
+    @model_validator(mode="after")
+    def _muon_trains_own_blocks(self) -> "Params":
+        """Muon trains our own model's block matrices. A base model's layers are not ours, and LoRA's factors
+        are not hidden matrices whose update should be orthogonal (only their product is a layer's update), so
+        both are refused rather than quietly trained by AdamW alone."""
+        for name in ("pretrain", "finetune", "emotion"):
+            if getattr(self, name).optimizer != "muon":
+                continue
+            if self.base.model is not None:
+                raise ValueError(f"{name}.optimizer: muon trains our own model's block matrices, not base.model "
+                                 f"{self.base.model} (set {name}.optimizer: adamw or base.model: null)")
+            if self.lora.r > 0 and name in self.lora.phases and name != "pretrain":
+                raise ValueError(f"{name}.optimizer: muon does not train LoRA adapters (lora.r is {self.lora.r} and "
+                                 f"lora.phases lists {name}): set {name}.optimizer: adamw, lora.r: 0, or drop "
+                                 f"{name} from lora.phases")
         return self
 
 

@@ -5,7 +5,9 @@ int8 with one symmetric scale per output channel (row), w ~ scale * q, q in [-12
 so the rounding error of each weight is at most scale / 2. The matrix product is PyTorch's own int8 weight
 kernel, `aten._weight_int8pack_mm(x, q (N, K), scales (N,))`, which reads the int8 weights as they are (a
 quarter of fp32's bytes, half of bf16's). Embeddings, norms, attention and the KV cache are untouched; a tied
-output projection gets its own int8 copy and the embedding table stays as it was.
+output projection gets its own int8 copy and the embedding table stays as it was. A mixture of experts' router
+(model.MoE) stays in full precision, as llama.cpp keeps its expert gate: it is tiny, and rounding its scores
+could send a token to other experts.
 
 Activations stay in the model's dtype (fp32): only the kernel runs in bf16 (its input is cast to bf16 and its
 output back), because on CPU the kernel's float32 variant is ten times slower than its bf16 one. Measured on one
@@ -82,8 +84,8 @@ def _replace(parent: nn.Module, name: str, compute: torch.dtype) -> None:
 
 def quantize_int8(model: nn.Module, compute: torch.dtype = torch.bfloat16) -> nn.Module:
     """Replace, in place, every nn.Linear of the transformer blocks and the output projection with Int8Linear;
-    returns the model. Ours (model.GPT): blocks.* and lm_head (the emotion head, 9 rows, stays as it is). A
-    base model (base.BaseLM): the transformers model's nn.Linear layers and its output embeddings. Refuses
+    returns the model. Ours (model.GPT): blocks.* but a MoE router, and lm_head (the emotion head, 9 rows, stays
+    as it is). A base model (base.BaseLM): the transformers model's nn.Linear layers and its output embeddings. Refuses
     (PersonaError) a model with LoRA layers attached and a GPT-2-style base, whose layers are Conv1D."""
     if any(type(m).__name__.startswith("Lora") or "lora_A" in m._modules for m in model.modules()):
         raise PersonaError("--dtype int8: this model has LoRA adapters attached; int8 needs them merged or removed")
@@ -92,7 +94,7 @@ def quantize_int8(model: nn.Module, compute: torch.dtype = torch.bfloat16) -> nn
         for block in model.blocks:
             for parent in list(block.modules()):
                 for name, child in list(parent._modules.items()):
-                    if type(child) is nn.Linear:
+                    if type(child) is nn.Linear and name != "router":
                         _replace(parent, name, compute)
         # a separate module even when tied: the embedding table keeps its fp32 rows
         model.lm_head = Int8Linear.from_linear(model.lm_head, compute)

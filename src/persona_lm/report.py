@@ -122,9 +122,12 @@ def _probes(probed: dict) -> list[str]:
 def render(p: Params, metrics: dict, probed: dict, samples: list[dict], params_count: dict) -> str:
     m, lp = p.model, p.lora
     if p.base.model is None:
+        options = [f"{m.attention} attention"] if m.attention != "standard" else []
+        if m.mlp == "moe":
+            options.append(f"top-{m.top_k} of {m.n_experts} experts")
         arch = (f"{m.n_layer} layers, {m.n_head} heads ({m.n_kv_head or m.n_head} kv), {m.n_embd} dims, "
                 f"block {m.block_size}, {m.norm} + {m.mlp} + {m.pos} positions, "
-                f"{'tied' if m.tie_embeddings else 'untied'} embeddings")
+                + "".join(f"{o}, " for o in options) + f"{'tied' if m.tie_embeddings else 'untied'} embeddings")
     else:
         arch = f"base {p.base.model} ({p.base.revision}), context {m.block_size}, markers as {p.base.markers}"
     lora_phases = [ph for ph in lp.phases if uses_lora(p, ph)]

@@ -44,6 +44,20 @@ def export_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def refuse_architecture(cfg: dict) -> None:
+    """PersonaError for the architecture options that no export format expresses (`cfg`: our model's config
+    dict): transformers' GPT-2 and Llama, and llama.cpp's, have no differential attention and no routed
+    experts, and the model would not behave as trained without them."""
+    if cfg.get("attention", "standard") != "standard":
+        raise PersonaError(f"cannot export model.attention: {cfg['attention']}: transformers' GPT-2 and Llama and "
+                           "llama.cpp have no differential attention (two softmax maps subtracted); export a run "
+                           "with model.attention: standard")
+    if cfg.get("mlp") == "moe":
+        raise PersonaError("cannot export model.mlp: moe: transformers' GPT-2 and Llama and llama.cpp's gpt2 and "
+                           "llama have one MLP per block, not routed experts; export a run with model.mlp: gelu "
+                           "(GPT-2) or swiglu (Llama)")
+
+
 def persona_record(meta: dict, **extra) -> dict:
     """The persona's name, system prompt and emotion labels (the emotion head's outputs, in order)."""
     return {"persona": meta.get("persona"), "system_prompt": meta.get("system_prompt"),

@@ -26,8 +26,8 @@ conversation without a system message with the persona's system prompt (tokenize
 llama.cpp does not print: a reply's `*waves*` reads `waves` there.
 
 A base-model run is exported with export_hf first (the merged base in its own architecture) and converted from
-that folder when its architecture is Llama or GPT-2. Memory attention, option mixes neither architecture has
-(export/hf.py's family()) and the char tokenizer are refused.
+that folder when its architecture is Llama or GPT-2. Memory attention, differential attention, mixtures of
+experts, option mixes neither architecture has (export/hf.py's family()) and the char tokenizer are refused.
 
 The Modelfile (FROM, TEMPLATE, SYSTEM, PARAMETER stop/num_ctx) makes `ollama create NAME -f Modelfile` work with
 nothing else. Its first line marks it as ours: an existing Modelfile without that line is never overwritten, and

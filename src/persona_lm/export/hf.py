@@ -6,7 +6,8 @@ tokenizer and chat template, and the emotion head beside it.
 Our own model maps onto a stock architecture, so the export loads with `AutoModelForCausalLM` and no custom
 code: learned positions + LayerNorm + GELU become `GPT2LMHeadModel`; RoPE + RMSNorm + SwiGLU become
 `LlamaForCausalLM`. Any other mix has no stock equivalent and is refused with the option that breaks it, and so
-is memory attention (`model.memory.enabled`), which neither stock architecture has.
+are memory attention (`model.memory.enabled`), differential attention and mixture-of-experts MLPs
+(`model.attention: differential`, `model.mlp: moe`), which neither stock architecture has.
 The conversion is exact (same logits), which takes three small translations:
 
 - The persona embedding is added to every input position. A constant added to every input is the same as a
@@ -39,7 +40,7 @@ import torch
 from safetensors.torch import save_file
 
 from persona_lm.errors import PersonaError
-from persona_lm.export.common import export_dir, persona_record
+from persona_lm.export.common import export_dir, persona_record, refuse_architecture
 from persona_lm.tokenizer import ASSISTANT, CHAT_TEMPLATE, END, EOT, PAD, SYSTEM, USER
 
 
@@ -54,6 +55,7 @@ def family(cfg) -> str:
         raise PersonaError("cannot export a model with memory attention (model.memory.enabled: true): transformers' "
                            "GPT-2 and Llama have no compressed memory to attend to, and without it the model would "
                            "not behave as trained; export a run with model.memory.enabled: false")
+    refuse_architecture(cfg.to_dict())
     if cfg.pos not in FAMILIES:
         raise PersonaError(f"cannot export model.pos={cfg.pos}: only learned (GPT-2) and rope (Llama) are supported")
     name, title, needs = FAMILIES[cfg.pos]

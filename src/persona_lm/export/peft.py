@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from persona_lm.errors import PersonaError
-from persona_lm.export.common import RECORD, export_dir, persona_record
+from persona_lm.export.common import RECORD, export_dir, persona_record, refuse_architecture
 
 ADAPTER = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -28,6 +28,7 @@ def export_peft(model_dir: Path, out: Path, persona: int = 0) -> Path:
     except (OSError, ValueError):
         raise PersonaError(f"{model_dir}: no model folder here (config.json is missing or broken)") from None
     if meta.get("kind") != "base":
+        refuse_architecture(meta.get("model") or {})  # first: --format hf, suggested below, refuses these too
         raise PersonaError(f"{model_dir} was trained from scratch: its LoRA adapters are merged into its weights, "
                            "so there is no adapter to export; use --format hf")
     if not meta.get("adapter"):

@@ -113,9 +113,12 @@ def verify(path: Path) -> dict | None:
         return None
 
 
-def latest(ckpt_dir: Path, params_hash: str) -> tuple[Path, dict] | None:
-    """The newest intact checkpoint written with the same params, or None to start fresh."""
+def latest(ckpt_dir: Path, params_hash: str, max_step: int | None = None) -> tuple[Path, dict] | None:
+    """The newest intact checkpoint written with the same params (at or before `max_step` when given: a run
+    told to stop earlier than a previous one never starts past its stop), or None to start fresh."""
     for path in sorted(ckpt_dir.glob("step_*"), reverse=True):
+        if max_step is not None and int(path.name.removeprefix("step_")) > max_step:
+            continue
         meta = verify(path)
         if meta is None:
             continue

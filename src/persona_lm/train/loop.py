@@ -1,9 +1,10 @@
 """The one training loop, shared by pretrain, finetune and train_emotion.
 
-AdamW (weight decay on >=2-D weights only), warmup-stable-decay learning rate, gradient clipping, gradient
-accumulation normalised by the *total* target count of all micro-batches (so k micro-batches give exactly
-the gradient of one k-times batch), fp32/bf16/fp16 autocast (GradScaler for fp16 on CUDA), optional
-gradient checkpointing and torch.compile, DDP under torchrun, dvclive logging, and resumable checkpoints.
+AdamW (weight decay on >=2-D weights only), or Muon for the blocks' matrices and AdamW for the rest,
+warmup-stable-decay learning rate, gradient clipping, gradient accumulation normalised by the *total* target
+count of all micro-batches (so k micro-batches give exactly the gradient of one k-times batch),
+fp32/bf16/fp16 autocast (GradScaler for fp16 on CUDA), optional gradient checkpointing and torch.compile, DDP
+under torchrun, dvclive logging, and resumable checkpoints.
 A non-finite loss stops the phase before the optimizer step, so broken weights are never written.
 """
 
@@ -81,12 +82,81 @@ def lr_at(step: int, phase) -> float:
     return phase.lr + progress * (phase.min_lr - phase.lr)
 
 
-def make_optimizer(model: torch.nn.Module, phase, device: str) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
+class Optimizers:
+    """Several optimizers stepped as one. `param_groups` is all of theirs (the loop sets each group's lr, and
+    GradScaler unscales and checks every gradient in one call, so an inf anywhere skips all the steps together);
+    the state dict holds each optimizer's under its name, plain containers that load with weights_only=True."""
+
+    def __init__(self, **optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+def hidden_matrices(model: torch.nn.Module) -> list[str]:
+    """Names of the weights Muon trains: trained, exactly 2-D, inside the transformer blocks. Muon makes a
+    matrix's update orthogonal, right for a hidden layer's linear map; the token embedding and output head (a
+    lookup table and the logit layer), the persona embedding, the emotion head, norms, biases, and any >2-D
+    tensor (stacked expert weights) stay with AdamW, as in modded-nanogpt (Jordan et al. 2024)."""
+    return [name for name, p in model.named_parameters()
+            if p.requires_grad and p.dim() == 2 and name.startswith("blocks.")]
+
+
+def make_optimizer(model: torch.nn.Module, phase, device: str) -> torch.optim.AdamW | Optimizers:
+    """AdamW over every trained weight (decay on >=2-D ones only), or with `optimizer: muon` Muon over the
+    hidden matrices and AdamW over the rest. Muon's group carries `lr_scale` = muon_lr / lr, so `set_lr` moves
+    its peak muon_lr along the same schedule."""
+    hidden = set(hidden_matrices(model)) if phase.optimizer == "muon" else set()
+    if hidden and any("lora_" in name for name in hidden):
+        raise TrainingError("optimizer: muon does not train LoRA adapters (set optimizer: adamw or lora.r: 0)")
+    params = [p for name, p in model.named_parameters() if p.requires_grad and name not in hidden]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": phase.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # the fused kernel (CPU, CUDA, MPS) replaces a dozen passes over every parameter with one
-    return torch.optim.AdamW(groups, lr=phase.lr, betas=(phase.beta1, phase.beta2), fused=True)
+    adamw = torch.optim.AdamW(groups, lr=phase.lr, betas=(phase.beta1, phase.beta2), fused=True)
+    if phase.optimizer == "adamw":
+        return adamw
+    if not hidden:  # e.g. a frozen backbone: nothing for Muon, and torch.optim refuses an empty optimizer
+        return Optimizers(adamw=adamw)
+    lr = phase.muon_lr or phase.lr
+    wd = phase.weight_decay if phase.muon_weight_decay is None else phase.muon_weight_decay
+    # torch's own Muon; its decay is lr * wd per step with lr before the per-matrix scale. Its Newton-Schulz runs
+    # in bf16 and costs the same at any batch size: ~15 ms on top of a 38 ms step of nanoGPT's shakespeare-char
+    # config on 2 CPU cores, which Muon repays by reaching nanoGPT's val loss in ~3x fewer steps (bench/speedrun.py)
+    muon = torch.optim.Muon([{"params": [p for name, p in model.named_parameters() if name in hidden],
+                              "lr_scale": lr / phase.lr}],
+                            lr=lr, weight_decay=wd, momentum=phase.muon_momentum, nesterov=phase.muon_nesterov,
+                            ns_steps=phase.muon_ns_steps, adjust_lr_fn=phase.muon_adjust_lr)
+    return Optimizers(adamw=adamw, muon=muon)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Set the schedule's lr on every group, times the group's `lr_scale` (Muon's muon_lr / lr; 1 elsewhere)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP's and torch.compile's wrappers: where its forward leaves `aux_loss`."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
 
 
 def batch_loss(model, batch: dict, n_tokens: float, n_labels: float, lm_weight: float,
@@ -94,16 +164,29 @@ def batch_loss(model, batch: dict, n_tokens: float, n_labels: float, lm_weight: 
     """Sum-reduced losses divided by the global counts: the pieces of one exact mean over the whole step.
 
     `class_weights` (n_emotions,) scales each labelled reply's emotion loss by its label's weight; the sum is
-    still divided by the label count, so balanced weights (mean 1 over the train labels) keep the loss scale."""
+    still divided by the label count, so balanced weights (mean 1 over the train labels) keep the loss scale.
+
+    A mixture-of-experts model in training adds its routers' load-balancing loss (model.MoE), times
+    `router_aux_loss_coef` and the micro-batch's share of the step's targets: a mean over its own tokens, so
+    weighted by its share, k micro-batches weigh as much as one batch of all of them. It is reported as "aux",
+    unweighted; "lm" (the val loss) stays the language-model loss alone."""
     logits, emo = model(batch["x"], persona=batch.get("persona"), emotion_index=batch.get("emotion_index"))
     lm = F.cross_entropy(logits.float().flatten(0, -2), batch["y"].flatten(), ignore_index=IGNORE,
                          reduction="sum") / max(n_tokens, 1.0)
     if emo is None:
-        return lm, {"lm": lm.detach()}
-    em = F.cross_entropy(emo.float(), batch["emotion_label"], weight=class_weights,
-                         reduction="sum") / max(n_labels, 1.0)
-    correct = (emo.argmax(-1) == batch["emotion_label"]).sum().detach()
-    return em + lm_weight * lm, {"lm": lm.detach(), "emotion": em.detach(), "correct": correct}
+        loss, parts = lm, {"lm": lm.detach()}
+    else:
+        em = F.cross_entropy(emo.float(), batch["emotion_label"], weight=class_weights,
+                             reduction="sum") / max(n_labels, 1.0)
+        correct = (emo.argmax(-1) == batch["emotion_label"]).sum().detach()
+        loss, parts = em + lm_weight * lm, {"lm": lm.detach(), "emotion": em.detach(), "correct": correct}
+    raw = unwrap(model)
+    aux = getattr(raw, "aux_loss", None)
+    if aux is not None:
+        share = (batch["y"] != IGNORE).sum() / max(n_tokens, 1.0)
+        loss = loss + raw.cfg.router_aux_loss_coef * share * aux
+        parts["aux"] = aux.detach()
+    return loss, parts
 
 
 def to_device(batch: dict, device: str) -> dict:
@@ -148,7 +231,8 @@ def evaluate(model, batches, phase, device, autocast, lm_weight: float,
 
 def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: str, meta: dict,
           name: str, lm_weight: float = 1.0, class_weights: torch.Tensor | None = None) -> PhaseResult:
-    """Run `phase.max_iters` optimizer steps, resuming from the newest intact checkpoint in `ckpt_dir` that
+    """Run optimizer steps up to `phase.end_step` (max_iters, or an earlier stop_at with the schedule still
+    planned over max_iters), resuming from the newest intact checkpoint in `ckpt_dir` at or before that step that
     was written with the same `params_hash` (params and input data), else starting fresh. `class_weights`
     weigh the emotion loss per label, in training and in the val loss alike."""
     from dvclive import Live
@@ -170,7 +254,8 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
     raw.grad_checkpointing = phase.grad_checkpointing
     optimizer = make_optimizer(raw, phase, device.split(":")[0])
     step, resumed, train_loss = 0, None, float("nan")
-    found = checkpoint.latest(ckpt_dir, params_hash)
+    end = phase.end_step
+    found = checkpoint.latest(ckpt_dir, params_hash, end)
     if found:
         path, ck_meta = found
         checkpoint.load_weights(raw, path / "model.safetensors")
@@ -182,7 +267,7 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
             torch.set_rng_state(state["rng"])
         step = resumed = int(state["step"])
         train_loss = float(state.get("train_loss", float("nan")))  # what a run resumed at its end reports
-        log.info("%s: resuming from %s (step %d of %d)", name, path, step, phase.max_iters)
+        log.info("%s: resuming from %s (step %d of %d)", name, path, step, end)
     elif ckpt_dir.exists() and dd.main:
         checkpoint.clear(ckpt_dir)
     if not dd.main:
@@ -190,24 +275,25 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
 
     fwd = torch.compile(raw) if phase.compile else raw
     if dd.enabled:
-        # memory attention's bias gets no gradient from a batch of single windows (phase 3 mixes both kinds)
-        unused = bool(getattr(getattr(raw, "cfg", None), "memory_layers", ()))
+        # memory attention's bias gets no gradient from a batch of single windows (phase 3 mixes both kinds), nor
+        # does an expert that no token of the batch was routed to
+        cfg = getattr(raw, "cfg", None)
+        unused = bool(getattr(cfg, "memory_layers", ())) or getattr(cfg, "mlp", None) == "moe"
         fwd = torch.nn.parallel.DistributedDataParallel(
             fwd, device_ids=[dd.local_rank] if device.startswith("cuda") else None, find_unused_parameters=unused)
     params = [p for p in raw.parameters() if p.requires_grad]
 
     live = Live(dir=str(meta["live_dir"]), resume=resumed is not None, save_dvc_exp=False, dvcyaml=None,
                 report=None) if dd.main else None
-    bar = tqdm(total=phase.max_iters, initial=step, desc=name, disable=not dd.main, file=sys.stderr,
+    bar = tqdm(total=end, initial=step, desc=name, disable=not dd.main, file=sys.stderr,
                mininterval=1.0 if sys.stderr.isatty() else 15.0, dynamic_ncols=True)
     log_every = max(1, min(10, phase.eval_interval))
     val = {}
     tokens, t0, tok_rate = 0, time.perf_counter(), 0.0
     fwd.train()
-    while step < phase.max_iters:
+    while step < end:
         lr = lr_at(step, phase)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         micro = [batches.get("train", step * phase.grad_accum + i, dd.rank) for i in range(phase.grad_accum)]
         n_tokens = distributed.all_sum(float(sum(int((b["y"] != IGNORE).sum()) for b in micro)), dd, device)
         n_labels = distributed.all_sum(float(sum(b["emotion_label"].numel() for b in micro if "emotion_label" in b)), dd, device)
@@ -236,7 +322,7 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
         step += 1
         train_loss = step_loss
         bar.update(1)
-        if step % log_every == 0 or step == phase.max_iters:
+        if step % log_every == 0 or step == end:
             elapsed = time.perf_counter() - t0
             tok_rate = tokens * dd.world_size / max(elapsed, 1e-9)
             tokens, t0 = 0, time.perf_counter()
@@ -246,15 +332,15 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
                 live.log_metric("train/loss", train_loss)
                 live.log_metric("lr", lr)
                 live.log_metric("tokens_per_s", tok_rate)
-        if step % phase.eval_interval == 0 or step == phase.max_iters:
+        if step % phase.eval_interval == 0 or step == end:
             val = evaluate(fwd, batches, phase, device, autocast, lm_weight, class_weights)
             if live:
                 live.step = step
                 for k, v in val.items():
                     live.log_metric(f"val/{k}", v)
-        if live and (step % log_every == 0 or step % phase.eval_interval == 0 or step == phase.max_iters):
+        if live and (step % log_every == 0 or step % phase.eval_interval == 0 or step == end):
             live.next_step()
-        if step % phase.ckpt_interval == 0 or step == phase.max_iters:
+        if step % phase.ckpt_interval == 0 or step == end:
             if dd.main:
                 state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "step": step,
                          "train_loss": train_loss, "scaler": scaler.state_dict() if scaler.is_enabled() else {}}

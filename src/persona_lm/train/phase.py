@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -35,14 +36,20 @@ TRANSCRIPTS = Path("data/interim/transcripts.parquet")
 MESSAGES = Path("data/interim/dialogues/messages.jsonl")
 SHAREGPT = Path("data/processed/sharegpt")
 TOKENIZER = Path("models/tokenizer")
-CHECKPOINTS = Path("models/.checkpoints")
+# Where a phase's resumable checkpoints go; the tournament gives each candidate its own folder (where checkpoints
+# live changes no result, so it is not a param).
+CHECKPOINTS = Path(os.environ.get("PERSONA_LM_CHECKPOINTS", "models/.checkpoints"))
 
 
 def fingerprint(p: Params, sections: list[str], files: list[Path]) -> str:
     """Hash of the params sections, input files and code a phase depends on: a checkpoint is only resumed
-    when all are unchanged, so an edited param, new data or changed code never continues a stale run."""
+    when all are unchanged, so an edited param, new data or changed code never continues a stale run. A phase's
+    `stop_at` is left out: where a run stops does not change its steps, so a later stop continues the run."""
     h = hashlib.sha256()
     dump = p.model_dump(mode="json")
+    for section in dump.values():
+        if isinstance(section, dict):
+            section.pop("stop_at", None)
     h.update(json.dumps({s: dump[s] for s in sections}, sort_keys=True).encode())
     code = sorted(Path(persona_lm.__file__).parent.rglob("*.py")) + [Path(sys.argv[0])]
     for f in [*files, *code]:
@@ -342,8 +349,21 @@ def finish(p: Params, name: str, model: GPT, result: PhaseResult, out: Path) -> 
                **{k: _round(v) for k, v in result.extra.items()}, "params": model.param_counts(),
                "trainable_params": trainable}
     write_json(Path(f"reports/{name}.json"), metrics)
-    write_json(Path(f"reports/speed/{name}.json"), {"train_tokens_per_s": round(result.tokens_per_s, 1)})
+    write_json(Path(f"reports/speed/{name}.json"), {"train_tokens_per_s": round(result.tokens_per_s, 1),
+                                                   **peak_memory_mb()})
     return metrics
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """This process's peak resident memory (MB, the kernel's high-water mark: weights, optimizer state,
+    activations and the phase's data together) and, after CUDA training, the peak CUDA memory torch allocated."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"peak_rss_mb": round(rss / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)}
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / (1 << 20), 1)
+    return out
 
 
 def _round(x: float) -> float | None:
