@@ -41,6 +41,29 @@ def shared_cases() -> Path:
     return cases
 
 
+def dvc(cwd: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`dvc *args` in `cwd` with this environment's executables first on PATH (stage commands say `python`)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def git_repo_copy(dest: Path, edit=None) -> Path:
+    """What a fresh clone has: the tracked files of this checkout copied to `dest` and committed there.
+    `edit(dest)` may change them (tiny params) before the commit."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True).stdout.split("\0")
+    for f in filter(None, files):
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    if edit:
+        edit(dest)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=dest, check=True)
+    return dest
+
+
 def tiny_model_dir(tmp: Path, lines: list[str], emotions: list[str], block_size: int = 64) -> Path:
     """An untrained one-layer model folder (tokenizer trained on `lines`) for the chat, server and page tests."""
     import torch

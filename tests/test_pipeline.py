@@ -1,39 +1,18 @@
 """The DVC pipeline itself, on a copy of the repo: the data stages run offline on the embedded sample, a
 second `dvc repro` has nothing to do, and a param change reruns exactly the stages that read it."""
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import yaml
+from conftest import dvc, git_repo_copy
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA_STAGES = ["download_corpus", "filter_corpus", "fetch_transcripts", "process_transcripts", "expand_templates",
                "import_messages", "build_sharegpt"]
-
-
-def dvc(cwd, *args):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """A git repo holding the tracked files of this checkout (what a fresh clone has)."""
-    d = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True).stdout.split("\0")
-    for f in filter(None, files):
-        if (ROOT / f).is_file():
-            (d / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, d / f)
-    subprocess.run(["git", "init", "-q"], cwd=d, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=d, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=d, check=True)
-    return d
+    return git_repo_copy(tmp_path_factory.mktemp("repo"))
 
 
 def test_data_stages_run_then_nothing_to_do(repo):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import dvc, git_repo_copy
 
 from persona_lm.errors import ParamsError
 from persona_lm.tournament import (Config, Round, Run, State, TournamentError, check_params, failure_reason,
@@ -99,11 +100,6 @@ def env() -> dict:
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
 
 
-def dvc(cwd, *args):
-    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=cwd, env=env(), capture_output=True,
-                          text=True, timeout=900)
-
-
 TINY = {"tokenizer.vocab_size": 384, "templates.conversations": 200, "model.n_layer": 1, "model.n_head": 2,
         "model.n_embd": 32, "model.block_size": 32, "pretrain.batch_size": 4, "pretrain.eval_iters": 2,
         "pretrain.eval_interval": 5, "pretrain.ckpt_interval": 5, "pretrain.warmup_iters": 2}
@@ -112,20 +108,14 @@ TINY = {"tokenizer.vocab_size": 384, "templates.conversations": 200, "model.n_la
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """A fresh clone's files with tiny params, committed, its data stages and tokenizer run (as after `make repro`)."""
-    d = tmp_path_factory.mktemp("tournament_repo")
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True).stdout.split("\0")
-    for f in filter(None, files):
-        if (ROOT / f).is_file():
-            (d / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, d / f)
-    params = yaml.safe_load((d / "params.yaml").read_text())
-    for key, value in TINY.items():
-        section, name = key.split(".")
-        params[section][name] = value
-    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=d, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=d, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=d, check=True)
+    def tiny(d):
+        params = yaml.safe_load((d / "params.yaml").read_text())
+        for key, value in TINY.items():
+            section, name = key.split(".")
+            params[section][name] = value
+        (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    d = git_repo_copy(tmp_path_factory.mktemp("tournament_repo"), tiny)
     proc = dvc(d, "repro", "train_tokenizer")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return d
