@@ -182,10 +182,16 @@ def test_resume_after_sigkill_is_bit_identical(project, tmp_path):
     assert "step 40 of 40" in err and (run / "reports/pretrain.json").read_text() == metrics
 
 
-def test_ddp_two_processes_on_gloo(project, tmp_path):
+@pytest.mark.parametrize("model", [{}, {"mlp": "moe", "n_experts": 32, "top_k": 1}], ids=["dense", "moe"])
+def test_ddp_two_processes_on_gloo(project, tmp_path, model):
+    """Two ranks train to the end; with mixture of experts an expert that no token of a rank's batch went to
+    has no gradient there, which DDP must be told to expect."""
     import shutil
     d = tmp_path / "ddp"
     shutil.copytree(project, d)
+    params = yaml.safe_load((d / "params.yaml").read_text())
+    params["model"].update(model)
+    (d / "params.yaml").write_text(yaml.safe_dump(params))
     torchrun = Path(sys.executable).parent / "torchrun"
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "stages/pretrain.py")],
                           cwd=d, env=_env(), capture_output=True, text=True, timeout=300)
@@ -195,6 +201,8 @@ def test_ddp_two_processes_on_gloo(project, tmp_path):
     metrics = yaml.safe_load((d / "reports/pretrain.json").read_text())
     assert metrics["step"] == 40
     assert sorted(x.name for x in (d / "models").iterdir() if x.name.startswith(".pretrain")) == []
+    aux = d / "reports/train/pretrain/plots/metrics/train/router_aux.tsv"
+    assert aux.is_file() == bool(model)
 
 
 def test_rows_choose_their_persona_embedding():

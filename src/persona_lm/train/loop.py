@@ -169,7 +169,8 @@ def batch_loss(model, batch: dict, n_tokens: float, n_labels: float, lm_weight: 
     A mixture-of-experts model in training adds its routers' load-balancing loss (model.MoE), times
     `router_aux_loss_coef` and the micro-batch's share of the step's targets: a mean over its own tokens, so
     weighted by its share, k micro-batches weigh as much as one batch of all of them. It is reported as "aux",
-    unweighted; "lm" (the val loss) stays the language-model loss alone."""
+    unweighted (the loop logs it as train/router_aux; 1 = balanced); "lm" (the val loss) stays the
+    language-model loss alone."""
     logits, emo = model(batch["x"], persona=batch.get("persona"), emotion_index=batch.get("emotion_index"))
     lm = F.cross_entropy(logits.float().flatten(0, -2), batch["y"].flatten(), ignore_index=IGNORE,
                          reduction="sum") / max(n_tokens, 1.0)
@@ -297,16 +298,18 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
         micro = [batches.get("train", step * phase.grad_accum + i, dd.rank) for i in range(phase.grad_accum)]
         n_tokens = distributed.all_sum(float(sum(int((b["y"] != IGNORE).sum()) for b in micro)), dd, device)
         n_labels = distributed.all_sum(float(sum(b["emotion_label"].numel() for b in micro if "emotion_label" in b)), dd, device)
-        step_loss = 0.0
+        step_loss, router_aux = 0.0, None
         for i, batch in enumerate(micro):
             batch = to_device(batch, device)
             sync = fwd.no_sync() if dd.enabled and i < len(micro) - 1 else contextlib.nullcontext()
             with sync:
                 with autocast:
-                    loss, _ = batch_loss(fwd, batch, n_tokens, n_labels, lm_weight, class_weights)
+                    loss, parts = batch_loss(fwd, batch, n_tokens, n_labels, lm_weight, class_weights)
                 # DDP averages gradients over ranks; the counts above are global, so scale back up.
                 scaler.scale(loss * dd.world_size).backward()
             step_loss += float(loss.detach())
+            if "aux" in parts:  # this rank's mean over the micro-batches, for the log
+                router_aux = (router_aux or 0.0) + float(parts["aux"]) / len(micro)
             tokens += batch["x"].numel()
         step_loss = distributed.all_sum(step_loss, dd, device)
         if not math.isfinite(step_loss):
@@ -332,6 +335,8 @@ def train(model: torch.nn.Module, phase, batches, ckpt_dir: Path, params_hash: s
                 live.log_metric("train/loss", train_loss)
                 live.log_metric("lr", lr)
                 live.log_metric("tokens_per_s", tok_rate)
+                if router_aux is not None:
+                    live.log_metric("train/router_aux", router_aux)
         if step % phase.eval_interval == 0 or step == end:
             val = evaluate(fwd, batches, phase, device, autocast, lm_weight, class_weights)
             if live:
