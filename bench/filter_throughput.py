@@ -24,6 +24,7 @@ import numpy as np
 import polars as pl
 
 from persona_lm.data import dedup, filters
+from persona_lm.data.corpus import filter_corpus
 from persona_lm.params import Filter, GopherQuality
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +118,7 @@ def main() -> None:
     t_tok, _ = timed(lambda: filters.tokenize(texts), args.repeat)
     t_exact, _ = timed(lambda: dedup.exact_duplicates(texts), args.repeat)
     t_minhash, near = timed(lambda: dedup.near_duplicates(texts, cfg.minhash, 1337), args.repeat)
-    t_all, (_, report) = timed(lambda: filters.filter_corpus(df, cfg, 1337), args.repeat)
+    t_all, (_, report) = timed(lambda: filter_corpus(df, cfg, 1337), args.repeat)
 
     fams = datatrove_filters()
     text_list = texts.to_list()

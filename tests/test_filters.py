@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 
 from persona_lm.data import dedup, filters
+from persona_lm.data.corpus import filter_corpus, split_of
 from persona_lm.errors import InputError, PersonaError
 from persona_lm.io import write_parquet
 from persona_lm.params import Filter, MinHash, Params
@@ -121,7 +122,7 @@ def test_each_family_drops_a_document_that_breaks_its_rule(rule):
     family = rule.split(".")[0]
     assert fails and fails[0] == rule
     assert {r.split(".")[0] for r in fails} == {family}
-    out, report = filters.filter_corpus(corpus([CRAFTED[rule]] + CLEAN), Filter(), 1337)
+    out, report = filter_corpus(corpus([CRAFTED[rule]] + CLEAN), Filter(), 1337)
     assert report["dropped"][rule] == 1 and out.height == len(CLEAN)
     assert CLEAN[0] in out["text"].to_list()
 
@@ -182,7 +183,7 @@ def test_c4_removes_lines_and_keeps_the_document():
         LINES[0], "Click here to enable JavaScript in your browser.", LINES[1], "By using this site you accept the "
         "privacy policy.", LINES[2] + "[12]", "Menu", "A heading without a full stop", LINES[3], LINES[4],
     ])
-    out, report = filters.filter_corpus(corpus([doc]), Filter(), 1)
+    out, report = filter_corpus(corpus([doc]), Filter(), 1)
     assert report["docs_out"] == 1
     assert out["text"][0] == "\n".join(LINES[:5])
 
@@ -197,14 +198,14 @@ def test_top_ngram_counts_the_most_frequent_one():
 
 def test_exact_duplicates_after_normalisation_keep_the_lowest_id():
     spaced = CLEAN[0].replace(" ", "  ").replace("\n", "\r\n")
-    out, report = filters.filter_corpus(corpus([spaced, *CLEAN], ids=["b", "a", "c", "d", "e"]), Filter(), 1)
+    out, report = filter_corpus(corpus([spaced, *CLEAN], ids=["b", "a", "c", "d", "e"]), Filter(), 1)
     assert report["dropped"]["dedup.exact"] == 1
     assert sorted(out["id"].to_list()) == ["a", "c", "d", "e"]
 
 
 def test_near_duplicate_is_removed_and_unrelated_documents_kept():
     edited = CLEAN[1].replace("storms", "gales").replace("curious", "playful")
-    out, report = filters.filter_corpus(corpus([*CLEAN, edited]), Filter(), 1337)
+    out, report = filter_corpus(corpus([*CLEAN, edited]), Filter(), 1337)
     assert report["dropped"]["dedup.minhash"] == 1
     assert out["text"].to_list() == CLEAN
 
@@ -230,25 +231,25 @@ def test_clusters_are_transitive_and_labelled_by_first_member():
 
 def test_split_is_stable_under_reordering_and_follows_the_fraction():
     texts = [f"document number {i}" for i in range(4000)]
-    split = dict(zip(texts, filters.split_of(pl.Series(texts), 0.2, seed=3)))
+    split = dict(zip(texts, split_of(pl.Series(texts), 0.2, seed=3)))
     shuffled = random.Random(0).sample(texts, len(texts))
-    assert dict(zip(shuffled, filters.split_of(pl.Series(shuffled), 0.2, seed=3))) == split
+    assert dict(zip(shuffled, split_of(pl.Series(shuffled), 0.2, seed=3))) == split
     assert 0.18 < sum(s == "val" for s in split.values()) / len(split) < 0.22
-    assert dict(zip(texts, filters.split_of(pl.Series(texts), 0.2, seed=4))) != split
+    assert dict(zip(texts, split_of(pl.Series(texts), 0.2, seed=4))) != split
 
 
 def test_tiny_corpus_still_gets_both_splits():
-    assert sorted(filters.split_of(pl.Series(["a", "b", "c"]), 0.05, seed=1)) == ["train", "train", "val"]
-    assert filters.split_of(pl.Series(["a"]), 0.5, seed=1).tolist() == ["train"]
-    assert set(filters.split_of(pl.Series(["a", "b"]), 0.0, seed=1)) == {"train"}
+    assert sorted(split_of(pl.Series(["a", "b", "c"]), 0.05, seed=1)) == ["train", "train", "val"]
+    assert split_of(pl.Series(["a"]), 0.5, seed=1).tolist() == ["train"]
+    assert set(split_of(pl.Series(["a", "b"]), 0.0, seed=1)) == {"train"}
 
 
 def test_output_does_not_depend_on_row_order():
     edited = CLEAN[1].replace("storms", "gales").replace("curious", "playful")
     df = corpus([*CLEAN, *CRAFTED.values(), CLEAN[2], edited])
     cfg = with_filter(val_fraction=0.4)
-    out, report = filters.filter_corpus(df, cfg, 5)
-    out2, report2 = filters.filter_corpus(df.sample(fraction=1.0, shuffle=True, seed=1), cfg, 5)
+    out, report = filter_corpus(df, cfg, 5)
+    out2, report2 = filter_corpus(df.sample(fraction=1.0, shuffle=True, seed=1), cfg, 5)
     assert report == report2
     assert out.sort("id").equals(out2.sort("id"))
 
@@ -258,7 +259,7 @@ def test_output_does_not_depend_on_row_order():
 def test_report_counts_add_up(tmp_path):
     texts = [*CLEAN, *CRAFTED.values(), CLEAN[0], "", "too short to keep."]
     df = corpus(texts)
-    out, report = filters.filter_corpus(df, Filter(), 1337)
+    out, report = filter_corpus(df, Filter(), 1337)
     assert report["docs_in"] == len(texts) == report["docs_out"] + sum(report["dropped"].values())
     assert report["docs_out"] == out.height == report["docs_train"] + report["docs_val"] == len(CLEAN)
     assert all(report["failed"][r] >= n for r, n in report["dropped"].items())
@@ -272,7 +273,7 @@ def test_report_counts_add_up(tmp_path):
 def test_same_params_and_seed_give_byte_identical_output(tmp_path):
     df = corpus([*CLEAN, *CRAFTED.values()])
     for name in ("a", "b"):
-        out, report = filters.filter_corpus(df, Filter(), 1337)
+        out, report = filter_corpus(df, Filter(), 1337)
         write_parquet(tmp_path / f"{name}.parquet", out)
         (tmp_path / f"{name}.json").write_text(json.dumps(report))
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
@@ -280,7 +281,7 @@ def test_same_params_and_seed_give_byte_identical_output(tmp_path):
 
 
 def test_empty_input_gives_an_empty_result():
-    out, report = filters.filter_corpus(corpus([]), Filter(), 1)
+    out, report = filter_corpus(corpus([]), Filter(), 1)
     assert out.height == 0 and out.columns == ["id", "source", "text", "split"]
     assert report["docs_in"] == report["docs_out"] == 0 and sum(report["dropped"].values()) == 0
 
@@ -325,7 +326,7 @@ def test_stage_rejects_empty_or_wholly_filtered_input(stage, tmp_path):
 def test_most_tinystories_are_kept(shared_data):
     raw = (shared_data / "corpus" / "tinystories_train_head.txt").read_text(encoding="utf-8")
     stories = [s.strip() for s in raw.split("<|endoftext|>") if s.strip()]
-    out, report = filters.filter_corpus(corpus(stories), Filter(), 1337)
+    out, report = filter_corpus(corpus(stories), Filter(), 1337)
     assert report["docs_in"] == len(stories) > 2000
     assert report["docs_out"] / report["docs_in"] > 0.8
     assert 0.03 < report["docs_val"] / report["docs_out"] < 0.07

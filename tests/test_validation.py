@@ -47,10 +47,12 @@ def test_unknown_label_and_duplicate_ids_fail(tmp_path):
 
 def test_corpus_suite(tmp_path):
     good = pl.DataFrame({"id": ["a", "b"], "source": ["s", "s"], "text": ["x", "y"], "split": ["train", "val"]})
-    validate_corpus(good, tmp_path / "c.json")
-    bad = good.with_columns(pl.Series("split", ["train", "test"]))
-    with pytest.raises(DataValidationError, match="split"):
-        validate_corpus(bad, tmp_path / "c.json")
+    good.write_parquet(tmp_path / "good.parquet")
+    validate_corpus(tmp_path / "good.parquet", tmp_path / "c.json")
+    for column, values in (("split", ["train", "test"]), ("text", ["x", ""]), ("id", ["a", "a"])):
+        good.with_columns(pl.Series(column, values)).write_parquet(tmp_path / "bad.parquet")
+        with pytest.raises(DataValidationError, match=column):
+            validate_corpus(tmp_path / "bad.parquet", tmp_path / "c.json")
 
 
 def test_transcript_suite_rejects_end_before_start(tmp_path):

@@ -230,6 +230,9 @@ class Filter(Section):
     exact_dedup: bool = True
     minhash: MinHash = MinHash()
     val_fraction: float = Field(0.05, ge=0, lt=1)
+    shard_mb: float = Field(16, gt=0, description="MB of raw text per shard: filter_corpus holds one shard's "
+                            "documents in memory (~30x their size at peak), whatever the corpus size; the "
+                            "output does not depend on it")
 
     @model_validator(mode="after")
     def _bounds(self) -> "Filter":

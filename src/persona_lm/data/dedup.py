@@ -83,15 +83,17 @@ def signatures(texts: pl.Series, cfg: MinHash, seed: int) -> tuple[np.ndarray, n
     return sig, has
 
 
-def clusters(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """The cluster label of each row: the lowest row index connected to it through shared bands."""
-    n = len(sig)
+def band_groups(band: np.ndarray) -> np.ndarray:
+    """(n, rows) uint32 signature columns of one LSH band -> (n,) int64 bucket index: equal rows, equal index."""
+    band = np.ascontiguousarray(band).view(np.dtype((np.void, band.shape[1] * 4)))
+    return np.unique(band.ravel(), return_inverse=True)[1].ravel()
+
+
+def propagate(groups: list[np.ndarray], n: int) -> np.ndarray:
+    """The cluster label of each of n rows given each band's bucket index per row: the lowest row index
+    connected to it through shared buckets (min-label propagation until no label can shrink)."""
     labels = np.arange(n)
-    groups = []
-    for i in range(bands):
-        band = np.ascontiguousarray(sig[:, i * rows : (i + 1) * rows]).view(np.dtype((np.void, rows * 4)))
-        groups.append(np.unique(band.ravel(), return_inverse=True)[1].ravel())
-    while True:  # min-label propagation until no cluster can shrink its label further
+    while True:
         before = labels.copy()
         for g in groups:
             low = np.full(g.max() + 1, n)
@@ -99,6 +101,11 @@ def clusters(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
             labels = np.minimum(labels, low[g])
         if np.array_equal(labels, before):
             return labels
+
+
+def clusters(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """The cluster label of each row of an in-memory signature matrix (see propagate)."""
+    return propagate([band_groups(sig[:, i * rows : (i + 1) * rows]) for i in range(bands)], len(sig))
 
 
 def near_duplicates(texts: pl.Series, cfg: MinHash, seed: int) -> np.ndarray:

@@ -6,7 +6,7 @@ numpy on the flat token array), never with a Python loop per document, so throug
 engine. Rules and thresholds follow the papers and datatrove's reference implementations;
 bench/filter_throughput.py measures speed and per-family agreement against datatrove.
 
-`filter_corpus` runs everything in a fixed order and attributes each dropped document to the FIRST rule
+`persona_lm.data.corpus` runs everything in a fixed order and attributes each dropped document to the FIRST rule
 it fails: empty, gopher_repetition.*, gopher_quality.*, c4.*, fineweb.*, length.*, dedup.exact,
 dedup.minhash (the order of FineWeb's recipe: repetition, quality, then C4, whose line removal changes
 the text that FineWeb's rules, the length bounds, dedup and the output see).
@@ -14,13 +14,11 @@ the text that FineWeb's rules, the length bounds, dedup and the output see).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
-from persona_lm.data import dedup
 from persona_lm.params import C4Quality, Filter, FineWebQuality, GopherQuality, GopherRepetition
 
 # ------------------------------------------------------------------------------------------ normalisation
@@ -361,68 +359,3 @@ def quality_flags(texts: pl.Series, cfg: Filter) -> tuple[pl.DataFrame, pl.Serie
     flags.append(pl.DataFrame({"length.min_words": n_words < cfg.min_words,
                                "length.max_words": n_words > cfg.max_words}))
     return pl.concat(flags, how="horizontal"), out
-
-
-def split_of(texts: pl.Series, val_fraction: float, seed: int) -> np.ndarray:
-    """"train"/"val" from a keyed BLAKE2b of each text: stable across runs, machines, library versions and
-    row order. When the fraction rounds to nothing the lowest-hash doc goes to val (and the highest to
-    train), so both splits exist whenever there are two documents."""
-    key = seed.to_bytes(8, "little")
-    u = np.array(
-        [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8, key=key).digest(), "little") for t in texts],
-        dtype=np.float64,
-    ) / 2.0**64
-    val = u < val_fraction
-    if len(u) >= 2 and val_fraction > 0 and not val.any():
-        val[np.argmin(u)] = True
-    if len(u) and val.all():
-        val[np.argmax(u)] = False
-    return np.where(val, "val", "train")
-
-
-def filter_corpus(df: pl.DataFrame, cfg: Filter, seed: int) -> tuple[pl.DataFrame, dict]:
-    """Normalise, filter, deduplicate and split a corpus of (id, source, text) rows.
-
-    Returns the kept rows (input order) as (id, source, text, split) and a report whose `dropped` counts
-    each removed document once, under the first rule it fails, so docs_in = docs_out + sum(dropped);
-    `failed` counts every quality rule independently. Duplicates are resolved in id order (the lowest id
-    of a cluster is kept), so the output does not depend on the order of the input rows.
-    """
-    texts = normalize(df["text"], cfg.normalize_unicode)
-    flags, out = quality_flags(texts, cfg)
-    passed = ~flags.select(pl.any_horizontal(pl.all())).to_series().to_numpy()
-
-    exact = np.zeros(len(df), dtype=bool)
-    near = np.zeros(len(df), dtype=bool)
-    order = df.select(pl.arg_sort_by("id", maintain_order=True)).to_series().to_numpy()
-    order = order[passed[order]]
-    if cfg.exact_dedup:
-        exact[order] = dedup.exact_duplicates(out[order])
-    if cfg.minhash.enabled:
-        keep = order[~exact[order]]
-        near[keep] = dedup.near_duplicates(out[keep], cfg.minhash, seed)
-    flags = flags.with_columns(pl.Series("dedup.exact", exact), pl.Series("dedup.minhash", near))
-    kept = passed & ~exact & ~near
-
-    rules = flags.columns
-    first = flags.select(pl.coalesce([pl.when(pl.col(r)).then(pl.lit(r)) for r in rules])).to_series()
-    counts = dict(first.drop_nulls().value_counts().iter_rows())
-
-    result = df.select("id", "source").with_columns(text=out).filter(kept)
-    result = result.with_columns(split=pl.Series(split_of(result["text"], cfg.val_fraction, seed), dtype=pl.String))
-    sources = (
-        df.select("source", kept=pl.Series(kept)).group_by("source")
-        .agg(docs_in=pl.len(), docs_out=pl.col("kept").sum()).sort("source")
-    )
-    report = {
-        "docs_in": len(df),
-        "docs_out": len(result),
-        "bytes_in": int(df["text"].str.len_bytes().sum() or 0),
-        "bytes_out": int(result["text"].str.len_bytes().sum() or 0),
-        "docs_train": int((result["split"] == "train").sum()),
-        "docs_val": int((result["split"] == "val").sum()),
-        "dropped": {r: int(counts.get(r, 0)) for r in rules},
-        "failed": {r: int(flags[r].sum()) for r in rules},
-        "sources": {s: {"docs_in": i, "docs_out": o} for s, i, o in sources.iter_rows()},
-    }
-    return result, report

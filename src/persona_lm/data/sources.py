@@ -337,16 +337,44 @@ class Budget:
 
 @dataclass
 class Documents:
+    """The documents read, in memory (tests, small corpora); ParquetDocuments streams them to a file instead."""
+
     ids: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     manifest: list[dict] = field(default_factory=list)
+
+    def add(self, doc_id: str, source: str, text: str) -> None:
+        self.ids.append(doc_id)
+        self.sources.append(source)
+        self.texts.append(text)
 
     def frame(self):
         import polars as pl
 
         return pl.DataFrame({"id": self.ids, "source": self.sources, "text": self.texts},
                             schema={"id": pl.String, "source": pl.String, "text": pl.String})
+
+
+class ParquetDocuments(Documents):
+    """Documents appended to a parquet file (io.ParquetRows) as they are read: memory holds `batch` documents and
+    one row group, never the corpus. `count` is how many were added; `progress(n_bytes)` is called per document."""
+
+    def __init__(self, rows, batch: int = 4096, progress=lambda n_bytes: None):
+        super().__init__()
+        self.rows, self.batch, self.progress, self.count = rows, batch, progress, 0
+
+    def add(self, doc_id: str, source: str, text: str) -> None:
+        super().add(doc_id, source, text)
+        self.count += 1
+        self.progress(len(text.encode("utf-8")))
+        if len(self.ids) >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.ids:
+            self.rows.write(self.frame())
+            self.ids, self.sources, self.texts = [], [], []
 
 
 def source_files(src, where: str, download_dir: Path, hf_cache_dir: Path | None) -> Iterator[File]:
@@ -357,11 +385,13 @@ def source_files(src, where: str, download_dir: Path, hf_cache_dir: Path | None)
     return hf_files(src, where, hf_cache_dir)
 
 
-def load_corpus(sources: list, download_dir: Path, hf_cache_dir: Path | None = None) -> Documents:
-    """Read every source in order. Ids are `<source index>-<document index>`: unique, and stable while the
-    sources and their files stay the same. The `source` column is `<kind>:<path|url|repo>`, one value per
+def load_corpus(sources: list, download_dir: Path, hf_cache_dir: Path | None = None,
+                corpus: Documents | None = None) -> Documents:
+    """Read every source in order into `corpus` (a new in-memory Documents by default; a ParquetDocuments
+    streams them to disk) and its manifest. Ids are `<source index>-<document index>`: unique, and stable while
+    the sources and their files stay the same. The `source` column is `<kind>:<path|url|repo>`, one value per
     source so downstream reports stay small; which file each document came from is in the manifest."""
-    corpus = Documents()
+    corpus = Documents() if corpus is None else corpus
     for i, src in enumerate(sources):
         where, label = describe(i, src), f"{src.kind}:{location(src)}"
         column = src.text_column
@@ -372,9 +402,7 @@ def load_corpus(sources: list, download_dir: Path, hf_cache_dir: Path | None = N
                 if not budget.take(text):
                     capped = True
                     break
-                corpus.ids.append(f"{i}-{budget.docs - 1}")
-                corpus.sources.append(label)
-                corpus.texts.append(text)
+                corpus.add(f"{i}-{budget.docs - 1}", label, text)
             files.append({"file": f.origin, "format": f.format, "size": f.path.stat().st_size,
                           "sha256": f.sha256, "docs": budget.docs - docs_before})
             if capped or budget.full():  # decided before asking for the next file, so no further download

@@ -1,0 +1,282 @@
+"""The filter_corpus engine: the corpus filtered shard by shard, deduplicated across all shards, in bounded memory.
+
+Three passes, the multi-stage scheme of datatrove's and NeMo Curator's dedup:
+1. `scan`: each shard (a slice of the raw corpus of about `shard_bytes` of text) is normalised and run through
+   every quality rule (persona_lm.data.filters); its rows (id, source, text after C4's line removal, the first
+   rule it fails, an exact-dedup key, the split hash) go to a parquet file and the MinHash signatures of the
+   rows that passed to a .npy file, both in the work folder. Memory: one shard.
+2. `resolve`: exact duplicates from the keys, near duplicates from the signatures read one LSH band at a time
+   (memory-mapped), clusters joined across shards by min-label propagation, and the train/val split. Memory:
+   a few dozen bytes per document (its id, key and band groups), never its text.
+3. The kept rows of each shard, in input order, appended to the output.
+
+The decisions are those of the in-memory rules: duplicates resolve in id order (the lowest id of a cluster
+stays), so the output does not depend on the order of the rows, on the shard size or on how many shards there
+are. The exact key is a 128-bit BLAKE2b of the text: two different texts share one with probability ~2^-128.
+Finished shards of pass 1 are kept in the work folder, so an interrupted run resumes after its last finished
+shard; the folder is removed once the output is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import polars as pl
+
+from persona_lm.data import dedup
+from persona_lm.data.filters import normalize, quality_flags
+from persona_lm.io import write_json
+from persona_lm.params import Filter
+
+ROW = {"id": pl.String, "source": pl.String, "text": pl.String}
+OUT = {**ROW, "split": pl.String}
+SCAN = {**ROW, "rule": pl.String, "key": pl.Binary, "u": pl.Float64, "words": pl.Boolean}
+
+
+def _keys(texts: list[str], seed: int) -> tuple[list[bytes], list[float]]:
+    """Per text: its exact-dedup key (unkeyed BLAKE2b-128) and its split draw u in [0, 1) (BLAKE2b-64 keyed by
+    the seed, as split_of has always drawn it)."""
+    key = seed.to_bytes(8, "little")
+    exact, u = [], []
+    for t in texts:
+        b = t.encode()
+        exact.append(hashlib.blake2b(b, digest_size=16).digest())
+        u.append(int.from_bytes(hashlib.blake2b(b, digest_size=8, key=key).digest(), "little") / 2.0**64)
+    return exact, u
+
+
+def scan(df: pl.DataFrame, cfg: Filter, seed: int) -> tuple[pl.DataFrame, np.ndarray, dict[str, int]]:
+    """Pass 1 on one shard of (id, source, text) rows. Returns the SCAN frame (key, u and words are null for rows
+    that failed a rule), the MinHash signatures (n_passed, bands * rows) uint32 of the passed rows in row order
+    (0 columns when MinHash is off), and per rule how many rows fail it at all."""
+    texts = normalize(df["text"], cfg.normalize_unicode)
+    flags, out = quality_flags(texts, cfg)
+    rules = flags.columns
+    first = flags.select(pl.coalesce([pl.when(pl.col(r)).then(pl.lit(r)) for r in rules])).to_series()
+    passed = first.is_null().to_numpy()
+    kept = out.filter(pl.Series(passed))
+    exact, u = _keys(kept.to_list(), seed)
+    if cfg.minhash.enabled and len(kept):
+        sig, has = dedup.signatures(kept, cfg.minhash, seed)
+    else:
+        sig = np.zeros((len(kept), cfg.minhash.bands * cfg.minhash.rows if cfg.minhash.enabled else 0), np.uint32)
+        has = np.zeros(len(kept), dtype=bool)
+    idx = np.flatnonzero(passed)
+
+    def spread(values, dtype):
+        return pl.Series([None] * len(df), dtype=dtype).scatter(idx, pl.Series(values, dtype=dtype)) if len(idx) \
+            else pl.Series([None] * len(df), dtype=dtype)
+
+    frame = pl.DataFrame({"id": df["id"], "source": df["source"], "text": out, "rule": first,
+                          "key": spread(exact, pl.Binary), "u": spread(u, pl.Float64),
+                          "words": spread(has, pl.Boolean)}, schema=SCAN)
+    return frame, sig, {r: int(flags[r].sum()) for r in rules}
+
+
+def rule_names(cfg: Filter) -> list[str]:
+    """Every rule in attribution order (the quality rules, then the two dedup rules)."""
+    flags, _ = quality_flags(pl.Series([], dtype=pl.String), cfg)
+    return [*flags.columns, "dedup.exact", "dedup.minhash"]
+
+
+@dataclass
+class Shard:
+    """Pass 1's record of one shard, as written to `stats-<k>.json` in the work folder."""
+
+    docs: int
+    bytes: int
+    failed: dict[str, int]
+    sources: dict[str, int]  # documents in, per source
+    signatures: int = 0      # rows of sig-<k>.npy (the passed rows)
+
+
+@dataclass
+class Work:
+    """The work folder of one filter run: pass 1's files per shard, named by the shard's index."""
+
+    path: Path
+    fingerprint: str
+    shards: list[Shard] = field(default_factory=list)
+
+    def open(self) -> "Work":
+        """Keep the finished shards of an earlier run with the same fingerprint; start afresh otherwise."""
+        stamp = self.path / "fingerprint"
+        if not (stamp.is_file() and stamp.read_text() == self.fingerprint):
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path.mkdir(parents=True)
+            stamp.write_text(self.fingerprint)
+        return self
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def file(self, kind: str, k: int) -> Path:
+        return self.path / f"{kind}-{k:06d}.{'npy' if kind == 'sig' else 'json' if kind == 'stats' else 'parquet'}"
+
+    def done(self, k: int) -> Shard | None:
+        """The record of shard k when pass 1 finished it (its stats file is written last)."""
+        stats = self.file("stats", k)
+        return Shard(**json.loads(stats.read_text())) if stats.is_file() else None
+
+    def save(self, k: int, frame: pl.DataFrame, sig: np.ndarray, shard: Shard) -> None:
+        for kind, write in (("scan", lambda p: frame.write_parquet(p, compression="zstd")),
+                            ("sig", lambda p: np.save(p, sig))):
+            tmp = self.file(kind, k).with_name(f".{self.file(kind, k).name}.tmp")
+            with open(tmp, "wb") as f:
+                write(f)
+            tmp.replace(self.file(kind, k))
+        write_json(self.file("stats", k), shard.__dict__)
+
+
+def resolve(work: Work, cfg: Filter) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pass 2 over every shard's scan: per document (in input order) whether it is an exact duplicate, a near
+    duplicate, kept, and its split ("train"/"val", null where not kept). Duplicates resolve in id order."""
+    files = [work.file("scan", k) for k in range(len(work.shards))]
+    if not files:
+        empty = np.zeros(0, dtype=bool)
+        return empty, empty, empty, np.zeros(0, dtype=object)
+    docs = pl.scan_parquet(files).select("id", "key", "u", "words", passed=pl.col("rule").is_null()).collect()
+    passed = docs["passed"].to_numpy()
+    n = len(docs)
+    exact = np.zeros(n, dtype=bool)
+    near = np.zeros(n, dtype=bool)
+    order = docs.select(pl.arg_sort_by("id", maintain_order=True)).to_series().to_numpy()
+    order = order[passed[order]]
+    if cfg.exact_dedup:
+        exact[order] = ~docs["key"].gather(order).is_first_distinct().to_numpy()
+    if cfg.minhash.enabled:
+        keep = order[~exact[order]]
+        keep = keep[docs["words"].gather(keep).to_numpy()]  # documents without words never match anything
+        if len(keep) >= 2:
+            # row of each passed document in the concatenated signature files
+            sig_row = np.cumsum(passed) - 1
+            sigs = [np.load(work.file("sig", k), mmap_mode="r") for k in range(len(work.shards))]
+            groups = [dedup.band_groups(_band(sigs, b, cfg.minhash.rows)[sig_row[keep]])
+                      for b in range(cfg.minhash.bands)]
+            near[keep] = dedup.propagate(groups, len(keep)) != np.arange(len(keep))
+    kept = passed & ~exact & ~near
+    split = np.full(n, None, dtype=object)
+    split[kept] = split_draws(docs["u"].to_numpy()[kept], cfg.val_fraction)
+    return exact, near, kept, split
+
+
+def _band(sigs: list[np.ndarray], band: int, rows: int) -> np.ndarray:
+    """Columns of one LSH band from every shard's signatures: (n_passed, rows) uint32."""
+    cols = slice(band * rows, (band + 1) * rows)
+    return np.concatenate([s[:, cols] for s in sigs]) if sigs else np.zeros((0, rows), np.uint32)
+
+
+def split_draws(u: np.ndarray, val_fraction: float) -> np.ndarray:
+    """"train"/"val" from each kept document's draw u (a keyed hash of its text: stable across runs, machines,
+    library versions, row order and sharding). When the fraction rounds to nothing the lowest draw goes to val
+    (and the highest to train), so both splits exist whenever there are two documents."""
+    val = u < val_fraction
+    if len(u) >= 2 and val_fraction > 0 and not val.any():
+        val[np.argmin(u)] = True
+    if len(u) and val.all():
+        val[np.argmax(u)] = False
+    return np.where(val, "val", "train")
+
+
+def split_of(texts: pl.Series, val_fraction: float, seed: int) -> np.ndarray:
+    """split_draws of texts (the kept documents of a corpus)."""
+    return split_draws(np.array(_keys(texts.to_list(), seed)[1], dtype=np.float64), val_fraction)
+
+
+def filter_shards(shards: Iterable[pl.DataFrame], cfg: Filter, seed: int, work: Work,
+                  write: Callable[[pl.DataFrame], None], progress: Callable[[int], None] = lambda docs: None) -> dict:
+    """Filter a corpus given as shards of (id, source, text) rows, in input order; `write` receives the kept rows
+    (id, source, text, split) shard by shard, in input order. Shards that `work` already finished are not
+    scanned again (their rows are still read from `shards`, which must be the same). Returns the report:
+    documents and bytes in and out, per rule the documents it dropped first (`dropped`: docs_in = docs_out +
+    their sum) and those failing it at all (`failed`), and per source documents in and out."""
+    work.shards = []
+    for k, df in enumerate(shards):
+        shard = work.done(k)
+        if shard is None:
+            frame, sig, failed = scan(df, cfg, seed)
+            sources = dict(df.group_by("source").len().sort("source").iter_rows())
+            shard = Shard(len(df), int(df["text"].str.len_bytes().sum() or 0), failed, sources, len(sig))
+            work.save(k, frame, sig, shard)
+        work.shards.append(shard)
+        progress(shard.docs)
+    exact, near, kept, split = resolve(work, cfg)
+
+    rules = rule_names(cfg)
+    dropped = dict.fromkeys(rules, 0)
+    failed = dict.fromkeys(rules, 0)
+    sources_in: dict[str, int] = {}
+    sources_out: dict[str, int] = {}
+    docs_out = bytes_out = start = 0
+    for k, shard in enumerate(work.shards):
+        frame = pl.read_parquet(work.file("scan", k))
+        end = start + len(frame)
+        for rule, count in frame["rule"].drop_nulls().value_counts().iter_rows():
+            dropped[rule] += count
+        for rule, count in shard.failed.items():
+            failed[rule] += count
+        for source, count in shard.sources.items():
+            sources_in[source] = sources_in.get(source, 0) + count
+        out = frame.filter(pl.Series(kept[start:end])).select("id", "source", "text").with_columns(
+            split=pl.Series(split[start:end][kept[start:end]].astype(str), dtype=pl.String))
+        for source, count in out.group_by("source").len().iter_rows():
+            sources_out[source] = sources_out.get(source, 0) + count
+        docs_out += len(out)
+        bytes_out += int(out["text"].str.len_bytes().sum() or 0)
+        write(out)
+        start = end
+    dropped["dedup.exact"] = failed["dedup.exact"] = int(exact.sum())
+    dropped["dedup.minhash"] = failed["dedup.minhash"] = int(near.sum())
+    kept_split = split[kept]
+    return {
+        "docs_in": sum(s.docs for s in work.shards),
+        "docs_out": docs_out,
+        "bytes_in": sum(s.bytes for s in work.shards),
+        "bytes_out": bytes_out,
+        "docs_train": int((kept_split == "train").sum()),
+        "docs_val": int((kept_split == "val").sum()),
+        "dropped": dropped,
+        "failed": failed,
+        "sources": {s: {"docs_in": sources_in[s], "docs_out": sources_out.get(s, 0)} for s in sorted(sources_in)},
+    }
+
+
+def filter_corpus(df: pl.DataFrame, cfg: Filter, seed: int) -> tuple[pl.DataFrame, dict]:
+    """The whole corpus as one in-memory shard (tests, benchmarks): the kept rows (id, source, text, split) in
+    input order and the report of filter_shards."""
+    import tempfile
+
+    out: list[pl.DataFrame] = []
+    with tempfile.TemporaryDirectory(prefix="filter_corpus-") as tmp:
+        work = Work(Path(tmp) / "work", "in-memory").open()
+        report = filter_shards([df.select(list(ROW)).cast(ROW)], cfg, seed, work, out.append)
+    return (pl.concat(out) if out else pl.DataFrame(schema=OUT)), report
+
+
+def parquet_shards(path: Path, shard_bytes: int, batch_rows: int = 1024) -> Iterator[pl.DataFrame]:
+    """The (id, source, text) rows of a parquet file, in order, in shards that close at the first row whose text
+    reaches `shard_bytes`: which rows form a shard depends on the rows alone, not on the file's row groups."""
+    import pyarrow.parquet as pq
+
+    pending: list[pl.DataFrame] = []
+    size = 0  # text bytes pending from earlier batches
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=list(ROW)):
+        frame = pl.from_arrow(batch).cast(ROW)
+        ends = frame["text"].str.len_bytes().fill_null(0).cast(pl.Int64).cum_sum().to_numpy() + size
+        start = 0
+        while len(over := np.flatnonzero(ends[start:] >= shard_bytes)):
+            cut = start + int(over[0])
+            pending.append(frame.slice(start, cut + 1 - start))
+            yield pl.concat(pending)
+            pending, start, ends = [], cut + 1, ends - ends[cut]
+        if start < len(frame):
+            pending.append(frame.slice(start))
+        size = int(ends[-1]) if start < len(frame) else 0
+    if pending:
+        yield pl.concat(pending)

@@ -1,0 +1,135 @@
+"""filter_corpus shard by shard: the same decisions as the in-memory rules whatever the shard size, duplicates found
+across shards, byte-identical output, and an interrupted run resumed from its finished shards."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+
+import numpy as np
+import polars as pl
+import pytest
+
+from persona_lm.data import corpus as sharded
+from persona_lm.data import dedup, filters
+from persona_lm.io import write_parquet
+from persona_lm.params import Filter, Params
+
+
+@pytest.fixture(scope="module")
+def raw(shared_data) -> pl.DataFrame:
+    """TinyStories and Tiny Shakespeare documents with exact and near duplicates planted far from their
+    originals (so most pairs straddle shards), ids shuffled against the row order."""
+    stories = [s.strip() for s in (shared_data / "corpus" / "tinystories_train_head.txt").read_text(
+        encoding="utf-8").split("<|endoftext|>") if s.strip()][:1500]
+    plays = (shared_data / "corpus" / "tinyshakespeare.txt").read_text(encoding="utf-8").split("\n\n")
+    chunks = ["\n\n".join(plays[i:i + 12]) for i in range(0, 1200, 12)]
+    rng = random.Random(5)
+    docs = [("tinystories", s) for s in stories] + [("tinyshakespeare", c) for c in chunks]
+    for i in rng.sample(range(len(docs)), 80):
+        source, text = docs[i]
+        words = text.split(" ")
+        if i % 2:
+            words[rng.randrange(len(words))] = "zebra"  # a near duplicate: one word swapped
+        docs.append((source, " ".join(words)))
+    ids = [f"doc-{i:05d}" for i in range(len(docs))]
+    rng.shuffle(ids)
+    return pl.DataFrame({"id": ids, "source": [s for s, _ in docs], "text": [t for _, t in docs]})
+
+
+def reference_kept(df: pl.DataFrame, cfg: Filter, seed: int) -> set[str]:
+    """The in-memory rules as filter_corpus applied them before sharding: quality flags, then exact duplicates
+    by text equality and MinHash clusters over the whole corpus, in id order."""
+    flags, out = filters.quality_flags(filters.normalize(df["text"]), cfg)
+    passed = ~flags.select(pl.any_horizontal(pl.all())).to_series().to_numpy()
+    order = df.select(pl.arg_sort_by("id", maintain_order=True)).to_series().to_numpy()
+    order = order[passed[order]]
+    exact = np.zeros(len(df), dtype=bool)
+    exact[order] = dedup.exact_duplicates(out[order])
+    keep = order[~exact[order]]
+    near = np.zeros(len(df), dtype=bool)
+    near[keep] = dedup.near_duplicates(out[keep], cfg.minhash, seed)
+    return set(df["id"].filter(pl.Series(passed & ~exact & ~near)))
+
+
+def run(raw_path, shard_bytes, work, progress=lambda n: None) -> tuple[pl.DataFrame, dict]:
+    out: list[pl.DataFrame] = []
+    report = sharded.filter_shards(sharded.parquet_shards(raw_path, shard_bytes), Filter(), 1337, work, out.append,
+                                   progress)
+    return pl.concat(out), report
+
+
+def test_shards_decide_as_the_whole_corpus_does(raw, tmp_path):
+    write_parquet(tmp_path / "raw.parquet", raw)
+    whole, report = run(tmp_path / "raw.parquet", 1 << 40, sharded.Work(tmp_path / "w1", "a").open())
+    small, small_report = run(tmp_path / "raw.parquet", 50_000, sharded.Work(tmp_path / "w2", "a").open())
+    assert len(list((tmp_path / "w2").glob("scan-*.parquet"))) > 20
+    assert small.equals(whole) and small_report == report
+    assert set(whole["id"]) == reference_kept(raw, Filter(), 1337)
+    assert report["dropped"]["dedup.exact"] >= 30 and report["dropped"]["dedup.minhash"] >= 30
+    assert report["docs_in"] == report["docs_out"] + sum(report["dropped"].values())
+    # input order kept, split by document
+    rows = dict(zip(raw["id"], range(len(raw))))
+    assert [rows[i] for i in whole["id"]] == sorted(rows[i] for i in whole["id"])
+    assert set(whole["split"]) == {"train", "val"}
+
+
+def test_parquet_shards_cut_by_text_bytes(raw, tmp_path):
+    write_parquet(tmp_path / "raw.parquet", raw)
+    shards = list(sharded.parquet_shards(tmp_path / "raw.parquet", 30_000, batch_rows=100))
+    assert pl.concat(shards).equals(raw)
+    for s in shards[:-1]:
+        size = s["text"].str.len_bytes()
+        assert size.sum() >= 30_000 > size.sum() - size[-1]
+
+
+def load_stage(root):
+    spec = importlib.util.spec_from_file_location("filter_corpus_stage", root / "stages" / "filter_corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stage_output_does_not_depend_on_shard_size(raw, root, tmp_path, monkeypatch):
+    stage = load_stage(root)
+    monkeypatch.chdir(tmp_path)
+    write_parquet(stage.RAW, raw)
+    results = []
+    for shard_mb in (0.05, 1000):
+        stage.main(Params(filter={"shard_mb": shard_mb}))
+        results.append((stage.OUT.read_bytes(), stage.REPORT.read_text(), stage.VALIDATION.read_text()))
+        assert not stage.WORK.exists()
+    assert results[0] == results[1]
+    assert json.loads(results[0][2])["success"]
+
+
+def test_interrupted_filter_resumes_from_its_finished_shards(raw, root, tmp_path, monkeypatch):
+    stage = load_stage(root)
+    monkeypatch.chdir(tmp_path)
+    write_parquet(stage.RAW, raw)
+    params = Params(filter={"shard_mb": 0.1})
+    stage.main(params)
+    expected = stage.OUT.read_bytes(), stage.REPORT.read_text()
+    stage.OUT.unlink()
+
+    scanned = []
+    real_scan = sharded.scan
+
+    def scan(df, cfg, seed):
+        if len(scanned) == 5:
+            raise KeyboardInterrupt
+        scanned.append(df["id"][0])
+        return real_scan(df, cfg, seed)
+
+    monkeypatch.setattr(sharded, "scan", scan)
+    with pytest.raises(KeyboardInterrupt):
+        stage.main(params)
+    assert not stage.OUT.exists() and len(list(stage.WORK.glob("stats-*.json"))) == 5
+    first = list(scanned)
+    calls = []
+    monkeypatch.setattr(sharded, "scan", lambda df, cfg, seed: calls.append(df["id"][0]) or real_scan(df, cfg, seed))
+    stage.main(params)
+    assert calls and not set(calls) & set(first)  # the five finished shards were not scanned again
+    assert (stage.OUT.read_bytes(), stage.REPORT.read_text()) == expected
+    assert not stage.WORK.exists()
