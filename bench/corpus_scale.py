@@ -90,7 +90,7 @@ def main() -> None:
             synthetic(corpus, size)
         project = Path(tempfile.mkdtemp(prefix="project-", dir=data))
         try:
-            params = yaml.safe_load((ROOT / "params.yaml").read_text())
+            params = yaml.safe_load((src.parent / "params.yaml").read_text())
             params["corpus"]["sources"] = [{"kind": "local", "path": str(corpus)}]
             (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             t_dl, rss_dl, _ = run_stage(project, src, "download_corpus")
