@@ -6,8 +6,9 @@ Three passes, the multi-stage scheme of datatrove's and NeMo Curator's dedup:
    rule it fails, an exact-dedup key, the split hash) go to a parquet file and the MinHash signatures of the
    rows that passed to a .npy file, both in the work folder. Memory: one shard.
 2. `resolve`: exact duplicates from the keys, near duplicates from the signatures read one LSH band at a time
-   (memory-mapped), clusters joined across shards by min-label propagation, and the train/val split. Memory:
-   a few dozen bytes per document (its id, key and band groups), never its text.
+   (stored band-major: a band is one contiguous read per shard), clusters joined across shards by min-label
+   propagation, and the train/val split. Memory: a few dozen bytes per document (its id, key and band
+   groups), never its text.
 3. The kept rows of each shard, in input order, appended to the output.
 
 The decisions are those of the in-memory rules: duplicates resolve in id order (the lowest id of a cluster
@@ -93,7 +94,7 @@ class Shard:
     bytes: int
     failed: dict[str, int]
     sources: dict[str, int]  # documents in, per source
-    signatures: int = 0      # rows of sig-<k>.npy (the passed rows)
+    signatures: int = 0      # documents in sig-<k>.npy (the passed rows)
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Work:
         return Shard(**json.loads(stats.read_text())) if stats.is_file() else None
 
     def save(self, k: int, frame: pl.DataFrame, sig: np.ndarray, shard: Shard) -> None:
+        """Shard k's scan, its band-major signatures (bands, n_passed, rows) and, last, its record."""
         for kind, write in (("scan", lambda p: frame.write_parquet(p, compression="zstd")),
                             ("sig", lambda p: np.save(p, sig))):
             tmp = self.file(kind, k).with_name(f".{self.file(kind, k).name}.tmp")
@@ -156,8 +158,7 @@ def resolve(work: Work, cfg: Filter) -> tuple[np.ndarray, np.ndarray, np.ndarray
         if len(keep) >= 2:
             # row of each passed document in the concatenated signature files
             sig_row = np.cumsum(passed) - 1
-            sigs = [np.load(work.file("sig", k), mmap_mode="r") for k in range(len(work.shards))]
-            groups = [dedup.band_groups(_band(sigs, b, cfg.minhash.rows)[sig_row[keep]])
+            groups = [dedup.band_groups(_band(work, b, cfg.minhash.rows)[sig_row[keep]])
                       for b in range(cfg.minhash.bands)]
             near[keep] = dedup.propagate(groups, len(keep)) != np.arange(len(keep))
     kept = passed & ~exact & ~near
@@ -166,10 +167,21 @@ def resolve(work: Work, cfg: Filter) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return exact, near, kept, split
 
 
-def _band(sigs: list[np.ndarray], band: int, rows: int) -> np.ndarray:
-    """Columns of one LSH band from every shard's signatures: (n_passed, rows) uint32."""
-    cols = slice(band * rows, (band + 1) * rows)
-    return np.concatenate([s[:, cols] for s in sigs]) if sigs else np.zeros((0, rows), np.uint32)
+def band_major(sig: np.ndarray, rows: int) -> np.ndarray:
+    """(n, bands * rows) signatures -> (bands, n, rows): each band contiguous on disk, so reading one band reads
+    1/bands of the file."""
+    return np.ascontiguousarray(sig.reshape(len(sig), sig.shape[1] // rows, rows).transpose(1, 0, 2))
+
+
+def _band(work: "Work", band: int, rows: int) -> np.ndarray:
+    """One LSH band of every shard's signatures, in shard order: (n_passed, rows) uint32. Each file is mapped only
+    while its band is copied, so the pages read do not stay resident (and counted) after."""
+    parts = []
+    for k in range(len(work.shards)):
+        sig = np.load(work.file("sig", k), mmap_mode="r")
+        parts.append(np.array(sig[band]))
+        del sig
+    return np.concatenate(parts) if parts else np.zeros((0, rows), np.uint32)
 
 
 def split_draws(u: np.ndarray, val_fraction: float) -> np.ndarray:
@@ -203,7 +215,7 @@ def filter_shards(shards: Iterable[pl.DataFrame], cfg: Filter, seed: int, work: 
             frame, sig, failed = scan(df, cfg, seed)
             sources = dict(df.group_by("source").len().sort("source").iter_rows())
             shard = Shard(len(df), int(df["text"].str.len_bytes().sum() or 0), failed, sources, len(sig))
-            work.save(k, frame, sig, shard)
+            work.save(k, frame, band_major(sig, cfg.minhash.rows), shard)
         work.shards.append(shard)
         progress(shard.docs)
     exact, near, kept, split = resolve(work, cfg)
