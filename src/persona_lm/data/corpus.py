@@ -138,33 +138,37 @@ class Work:
 
 def resolve(work: Work, cfg: Filter) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Pass 2 over every shard's scan: per document (in input order) whether it is an exact duplicate, a near
-    duplicate, kept, and its split ("train"/"val", null where not kept). Duplicates resolve in id order."""
+    duplicate, kept, and in val (else train; False where not kept). Duplicates resolve in id order. Each column
+    is read when it is needed and dropped after, so memory holds one column of the corpus at a time besides
+    these flags and one band's buckets."""
     files = [work.file("scan", k) for k in range(len(work.shards))]
     if not files:
         empty = np.zeros(0, dtype=bool)
-        return empty, empty, empty, np.zeros(0, dtype=object)
-    docs = pl.scan_parquet(files).select("id", "key", "u", "words", passed=pl.col("rule").is_null()).collect()
-    passed = docs["passed"].to_numpy()
-    n = len(docs)
+        return empty, empty, empty, empty
+
+    def column(expr) -> pl.Series:
+        return pl.scan_parquet(files).select(expr).collect().to_series()
+
+    passed = column(pl.col("rule").is_null()).to_numpy()
+    n = len(passed)
     exact = np.zeros(n, dtype=bool)
     near = np.zeros(n, dtype=bool)
-    order = docs.select(pl.arg_sort_by("id", maintain_order=True)).to_series().to_numpy()
+    order = column(pl.arg_sort_by("id", maintain_order=True)).to_numpy()
     order = order[passed[order]]
     if cfg.exact_dedup:
-        exact[order] = ~docs["key"].gather(order).is_first_distinct().to_numpy()
+        exact[order] = ~column("key").gather(order).is_first_distinct().to_numpy()
     if cfg.minhash.enabled:
         keep = order[~exact[order]]
-        keep = keep[docs["words"].gather(keep).to_numpy()]  # documents without words never match anything
+        keep = keep[column("words").gather(keep).to_numpy()]  # documents without words never match anything
         if len(keep) >= 2:
-            # row of each passed document in the concatenated signature files
-            sig_row = np.cumsum(passed) - 1
-            groups = [dedup.band_groups(_band(work, b, cfg.minhash.rows)[sig_row[keep]])
-                      for b in range(cfg.minhash.bands)]
+            rows = (np.cumsum(passed) - 1)[keep]  # each one's row in the concatenated signature files
+            groups = [dedup.band_groups(_band(work, b, cfg.minhash.rows)[rows]) for b in range(cfg.minhash.bands)]
             near[keep] = dedup.propagate(groups, len(keep)) != np.arange(len(keep))
+    del order
     kept = passed & ~exact & ~near
-    split = np.full(n, None, dtype=object)
-    split[kept] = split_draws(docs["u"].to_numpy()[kept], cfg.val_fraction)
-    return exact, near, kept, split
+    val = np.zeros(n, dtype=bool)
+    val[kept] = val_mask(column("u").to_numpy()[kept], cfg.val_fraction)
+    return exact, near, kept, val
 
 
 def band_major(sig: np.ndarray, rows: int) -> np.ndarray:
@@ -184,21 +188,21 @@ def _band(work: "Work", band: int, rows: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, rows), np.uint32)
 
 
-def split_draws(u: np.ndarray, val_fraction: float) -> np.ndarray:
-    """"train"/"val" from each kept document's draw u (a keyed hash of its text: stable across runs, machines,
-    library versions, row order and sharding). When the fraction rounds to nothing the lowest draw goes to val
-    (and the highest to train), so both splits exist whenever there are two documents."""
+def val_mask(u: np.ndarray, val_fraction: float) -> np.ndarray:
+    """True for the kept documents that go to val, from each one's draw u (a keyed hash of its text: stable
+    across runs, machines, library versions, row order and sharding). When the fraction rounds to nothing the
+    lowest draw goes to val (and the highest to train), so both splits exist whenever there are two documents."""
     val = u < val_fraction
     if len(u) >= 2 and val_fraction > 0 and not val.any():
         val[np.argmin(u)] = True
     if len(u) and val.all():
         val[np.argmax(u)] = False
-    return np.where(val, "val", "train")
+    return val
 
 
 def split_of(texts: pl.Series, val_fraction: float, seed: int) -> np.ndarray:
-    """split_draws of texts (the kept documents of a corpus)."""
-    return split_draws(np.array(_keys(texts.to_list(), seed)[1], dtype=np.float64), val_fraction)
+    """"train"/"val" for each of `texts` (the kept documents of a corpus; see val_mask)."""
+    return np.where(val_mask(np.array(_keys(texts.to_list(), seed)[1], dtype=np.float64), val_fraction), "val", "train")
 
 
 def filter_shards(shards: Iterable[pl.DataFrame], cfg: Filter, seed: int, work: Work,
@@ -218,7 +222,7 @@ def filter_shards(shards: Iterable[pl.DataFrame], cfg: Filter, seed: int, work: 
             work.save(k, frame, band_major(sig, cfg.minhash.rows), shard)
         work.shards.append(shard)
         progress(shard.docs)
-    exact, near, kept, split = resolve(work, cfg)
+    exact, near, kept, val = resolve(work, cfg)
 
     rules = rule_names(cfg)
     dropped = dict.fromkeys(rules, 0)
@@ -235,8 +239,9 @@ def filter_shards(shards: Iterable[pl.DataFrame], cfg: Filter, seed: int, work: 
             failed[rule] += count
         for source, count in shard.sources.items():
             sources_in[source] = sources_in.get(source, 0) + count
-        out = frame.filter(pl.Series(kept[start:end])).select("id", "source", "text").with_columns(
-            split=pl.Series(split[start:end][kept[start:end]].astype(str), dtype=pl.String))
+        mine = kept[start:end]
+        out = frame.filter(pl.Series(mine)).select("id", "source", "text").with_columns(
+            split=pl.Series(np.where(val[start:end][mine], "val", "train"), dtype=pl.String))
         for source, count in out.group_by("source").len().iter_rows():
             sources_out[source] = sources_out.get(source, 0) + count
         docs_out += len(out)
@@ -245,14 +250,13 @@ def filter_shards(shards: Iterable[pl.DataFrame], cfg: Filter, seed: int, work: 
         start = end
     dropped["dedup.exact"] = failed["dedup.exact"] = int(exact.sum())
     dropped["dedup.minhash"] = failed["dedup.minhash"] = int(near.sum())
-    kept_split = split[kept]
     return {
         "docs_in": sum(s.docs for s in work.shards),
         "docs_out": docs_out,
         "bytes_in": sum(s.bytes for s in work.shards),
         "bytes_out": bytes_out,
-        "docs_train": int((kept_split == "train").sum()),
-        "docs_val": int((kept_split == "val").sum()),
+        "docs_train": int(kept.sum() - val.sum()),
+        "docs_val": int(val.sum()),
         "dropped": dropped,
         "failed": failed,
         "sources": {s: {"docs_in": sources_in[s], "docs_out": sources_out.get(s, 0)} for s in sorted(sources_in)},

@@ -84,9 +84,9 @@ def signatures(texts: pl.Series, cfg: MinHash, seed: int) -> tuple[np.ndarray, n
 
 
 def band_groups(band: np.ndarray) -> np.ndarray:
-    """(n, rows) uint32 signature columns of one LSH band -> (n,) int64 bucket index: equal rows, equal index."""
+    """(n, rows) uint32 signature columns of one LSH band -> (n,) int32 bucket index: equal rows, equal index."""
     band = np.ascontiguousarray(band).view(np.dtype((np.void, band.shape[1] * 4)))
-    return np.unique(band.ravel(), return_inverse=True)[1].ravel()
+    return np.unique(band.ravel(), return_inverse=True)[1].ravel().astype(np.int32)
 
 
 def propagate(groups: list[np.ndarray], n: int) -> np.ndarray:
