@@ -35,7 +35,8 @@ def synthetic(path: Path, megabytes: float, seed: int = 0) -> int:
     vocab = sorted({w for s in stories for w in re.findall(r"[a-z]+", s)})
     rng = random.Random(seed)
     target, written, n, pool = int(megabytes * 1e6), 0, 0, []
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = path.with_name(f".{path.name}.tmp")  # renamed when complete: an interrupted run leaves no short corpus
+    with open(tmp, "w", encoding="utf-8") as f:
         while written < target:
             for story in stories:
                 if written >= target:
@@ -55,6 +56,7 @@ def synthetic(path: Path, megabytes: float, seed: int = 0) -> int:
                 f.write(data)
                 written += len(data.encode("utf-8"))
                 n += 1
+    tmp.replace(path)
     return n
 
 
