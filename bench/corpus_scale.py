@@ -84,7 +84,7 @@ def main() -> None:
     data = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="corpus_scale-"))
     data.mkdir(parents=True, exist_ok=True)
     print(f"stages of {src.parent}; {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
-    print(f"{'input MB':>9} {'docs':>9}  {'download s':>10} {"RSS MiB":>7}  {"filter s":>8} {"RSS MiB":>7} "
+    print(f"{'input MB':>9} {'docs':>9}  {'download s':>10} {'RSS MiB':>7}  {'filter s':>8} {'RSS MiB':>7} "
           f"{'MB/s':>6}  {'kept':>9}")
     for size in (float(s) for s in args.sizes.split(",")):
         corpus = data / f"synthetic-{size:g}MB.txt"
