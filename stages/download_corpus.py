@@ -27,7 +27,8 @@ def main(p: Params) -> None:
     caps = [s.max_bytes for s in p.corpus.sources]
     total = sum(caps) if caps and None not in caps else None  # an ETA only where every source is capped
     with tqdm(total=total, unit="B", unit_scale=True, desc="download_corpus", file=sys.stderr,
-              mininterval=1.0 if sys.stderr.isatty() else 15.0) as bar, ParquetRows(OUT / "corpus.parquet", ROW) as rows:
+              mininterval=1.0 if sys.stderr.isatty() else 15.0) as bar, \
+            ParquetRows(OUT / "corpus.parquet", ROW) as rows:
         docs = ParquetDocuments(rows, progress=bar.update)
         load_corpus(p.corpus.sources, download_dir=DOWNLOADS, corpus=docs)
         docs.flush()

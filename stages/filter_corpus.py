@@ -57,7 +57,8 @@ def main(p: Params) -> None:
     stat = RAW.stat()
     fingerprint = f"{stat.st_size}:{stat.st_mtime_ns}:{p.seed}:{p.filter.model_dump_json()}"
     work = Work(WORK, fingerprint).open()
-    bar = tqdm(total=rows, unit="doc", desc="filter_corpus", file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 15.0)
+    bar = tqdm(total=rows, unit="doc", desc="filter_corpus", file=sys.stderr,
+               mininterval=1.0 if sys.stderr.isatty() else 15.0)
     with ParquetRows(OUT, COLUMNS) as out:
         report = filter_shards(parquet_shards(RAW, int(p.filter.shard_mb * 1e6)), p.filter, p.seed, work, out.write,
                                progress=bar.update)
@@ -73,7 +74,8 @@ def main(p: Params) -> None:
         validate_corpus(out.finish(), VALIDATION)
         out.commit()
     work.remove()
-    write_json(SUMMARY, {k: report[k] for k in ("docs_in", "docs_out", "docs_train", "docs_val", "bytes_in", "bytes_out")})
+    write_json(SUMMARY, {k: report[k] for k in ("docs_in", "docs_out", "docs_train", "docs_val", "bytes_in",
+                                                "bytes_out")})
     log.info(
         "filter_corpus: kept %d of %d documents (%.1f of %.1f MB; %d train, %d val; %d shard(s)) -> %s",
         report["docs_out"], report["docs_in"], report["bytes_out"] / 1e6, report["bytes_in"] / 1e6,

@@ -282,7 +282,9 @@ def parquet_shards(path: Path, shard_bytes: int, batch_rows: int = 1024) -> Iter
 
     pending: list[pl.DataFrame] = []
     size = 0  # text bytes pending from earlier batches
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=list(ROW)):
+    # pre_buffer=False: with pyarrow's default read-ahead cache the buffers of every row group read stayed
+    # allocated until the file closed (measured: +220 MB of Arrow memory over 50 shards of 16 MB; flat without)
+    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=batch_rows, columns=list(ROW)):
         frame = pl.from_arrow(batch).cast(ROW)
         ends = frame["text"].str.len_bytes().fill_null(0).cast(pl.Int64).cum_sum().to_numpy() + size
         start = 0

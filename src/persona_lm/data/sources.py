@@ -138,7 +138,7 @@ def _parquet_docs(path: Path, column: str, skips: Skips, where: str) -> Iterator
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, pre_buffer=False)  # its read-ahead cache holds every row group read
     except (pa.ArrowException, OSError):
         skips.add("not a readable parquet file", where)
         return
