@@ -15,7 +15,7 @@ from tqdm import tqdm
 from persona_lm import stage
 from persona_lm.data.sources import ParquetDocuments, load_corpus
 from persona_lm.errors import log
-from persona_lm.io import ParquetRows, write_json
+from persona_lm.io import ParquetRows, atomic_dir, write_json
 from persona_lm.params import Params
 
 OUT = Path("data/raw/corpus")
@@ -28,12 +28,12 @@ def main(p: Params) -> None:
     total = sum(caps) if caps and None not in caps else None  # an ETA only where every source is capped
     with tqdm(total=total, unit="B", unit_scale=True, desc="download_corpus", file=sys.stderr,
               mininterval=1.0 if sys.stderr.isatty() else 15.0) as bar, \
-            ParquetRows(OUT / "corpus.parquet", ROW) as rows:
-        docs = ParquetDocuments(rows, progress=bar.update)
-        load_corpus(p.corpus.sources, download_dir=DOWNLOADS, corpus=docs)
-        docs.flush()
-        rows.commit()
-    write_json(OUT / "manifest.json", {"docs": docs.count, "sources": docs.manifest})
+            atomic_dir(OUT) as out:
+        with ParquetRows(out / "corpus.parquet", ROW) as rows:
+            docs = ParquetDocuments(rows, progress=bar.update)
+            load_corpus(p.corpus.sources, download_dir=DOWNLOADS, corpus=docs)
+            docs.flush()
+        write_json(out / "manifest.json", {"docs": docs.count, "sources": docs.manifest})
     log.info("download_corpus: %d documents from %d source(s) -> %s", docs.count, len(docs.manifest), OUT)
 
 

@@ -18,7 +18,7 @@ from persona_lm.data.corpus import OUT as COLUMNS
 from persona_lm.data.corpus import Work, filter_shards, parquet_shards
 from persona_lm.data.validation import validate_corpus
 from persona_lm.errors import InputError, PersonaError, log
-from persona_lm.io import ParquetRows, write_json
+from persona_lm.io import ParquetRows, atomic_path, write_json
 from persona_lm.params import Params
 
 RAW = Path("data/raw/corpus/corpus.parquet")
@@ -59,7 +59,7 @@ def main(p: Params) -> None:
     work = Work(WORK, fingerprint).open()
     bar = tqdm(total=rows, unit="doc", desc="filter_corpus", file=sys.stderr,
                mininterval=1.0 if sys.stderr.isatty() else 15.0)
-    with ParquetRows(OUT, COLUMNS) as out:
+    with atomic_path(OUT) as tmp, ParquetRows(tmp, COLUMNS) as out:
         report = filter_shards(parquet_shards(RAW, int(p.filter.shard_mb * 1e6)), p.filter, p.seed, work, out.write,
                                progress=bar.update)
         bar.close()
@@ -71,8 +71,7 @@ def main(p: Params) -> None:
                 f"filter_corpus: all {report['docs_in']} documents were filtered out ({reasons}); "
                 f"see {REPORT} and loosen the `filter` params"
             )
-        validate_corpus(out.finish(), VALIDATION)
-        out.commit()
+        validate_corpus(out.close(), VALIDATION)
     work.remove()
     write_json(SUMMARY, {k: report[k] for k in ("docs_in", "docs_out", "docs_train", "docs_val", "bytes_in",
                                                 "bytes_out")})

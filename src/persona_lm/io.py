@@ -77,10 +77,10 @@ def write_parquet(path: str | Path, df) -> None:
 
 
 class ParquetRows:
-    """Rows appended in order to one parquet file, `group_bytes` of text at a time: memory holds one row group,
-    never the file. Row groups close at the first row that reaches `group_bytes` (counted over every string
-    column), so the file's bytes depend on its rows alone, not on how the caller batched them. Written to a temp
-    path beside `path` and renamed into place by `commit()`; closing without a commit leaves `path` untouched.
+    """Rows appended in order to one parquet file at `path` (a temp path: atomic_path, atomic_dir), `group_bytes` of
+    text at a time: memory holds one row group, never the file. Row groups close at the first row that reaches
+    `group_bytes` (counted over every string column), so the file's bytes depend on its rows alone, not on how
+    the caller batched them. `close()` (also on leaving the `with` block) writes what is pending and closes it.
 
     `schema`: polars schema of the rows ({name: dtype}). Raises whatever pyarrow raises on a full disk."""
 
@@ -88,16 +88,10 @@ class ParquetRows:
         import polars as pl
 
         self.path, self.schema, self.group_bytes = Path(path), schema, group_bytes
-        self._made = [d for d in [self.path.parent, *self.path.parent.parents] if not d.exists()]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
         self.pending: list = []
         self.pending_bytes = 0
-        self.rows = 0
         self._writer = None
-        self._finished = False
+        self._closed = False
         self._strings = [k for k, v in schema.items() if v == pl.String]
 
     def write(self, frame) -> None:
@@ -116,7 +110,6 @@ class ParquetRows:
         if start < frame.height:
             self.pending.append(frame.slice(start))
         self.pending_bytes += int(sizes.sum() or 0)
-        self.rows += frame.height
 
     def _flush(self) -> None:
         import polars as pl
@@ -126,41 +119,22 @@ class ParquetRows:
             return
         table = pl.concat(self.pending, rechunk=True).to_arrow()
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self.tmp, table.schema, compression="zstd", write_statistics=True)
+            self._writer = pq.ParquetWriter(self.path, table.schema, compression="zstd", write_statistics=True)
         self._writer.write_table(table, row_group_size=table.num_rows)
         self.pending, self.pending_bytes = [], 0
 
-    def finish(self) -> Path:
-        """Write what is pending and close the file, still at its temp path (to validate it before `commit`)."""
+    def close(self) -> Path:
+        """Write what is pending and close the file (an empty file with the schema when no rows came)."""
         import polars as pl
 
-        if self._finished:
-            return self.tmp
-        self._flush()
-        if self._writer is None:  # no rows: an empty file with the schema
-            pl.DataFrame(schema=self.schema).write_parquet(self.tmp, compression="zstd")
-        else:
-            self._writer.close()
-            self._writer = None
-        self._finished = True
-        return self.tmp
-
-    def commit(self) -> Path:
-        """Finish the file and rename it onto `path`."""
-        self.finish()
-        os.chmod(self.tmp, 0o666 & ~_UMASK)
-        os.replace(self.tmp, self.path)
+        if not self._closed:
+            self._flush()
+            if self._writer is None:
+                pl.DataFrame(schema=self.schema).write_parquet(self.path, compression="zstd")
+            else:
+                self._writer.close()
+            self._closed = True
         return self.path
-
-    def close(self) -> None:
-        """Drop an uncommitted file, and the folders made for it when they are still empty."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self.tmp.unlink(missing_ok=True)
-        for d in self._made:  # innermost first
-            if d.exists() and not any(d.iterdir()):
-                d.rmdir()
 
     def __enter__(self) -> "ParquetRows":
         return self
