@@ -192,6 +192,66 @@ def test_http_404_is_an_error_naming_the_source(tmp_path):
                               "yourself and use {kind: local, path: ...} instead")
 
 
+def ranged(served: dict, drops: list[int], ranges: list[str | None]):
+    """A server of `served["data"]` that honours byte ranges as RFC 9110 says (If-Range must match
+    `served["etag"]`); the first len(drops) responses stop after that many bytes of body, as a dropped
+    connection does. Records each request's Range header."""
+    def handle(method, path, headers):
+        data, etag = served["data"], served["etag"]
+        ranges.append(headers.get("Range"))
+        start = 0
+        if headers.get("Range") and headers.get("If-Range") in (None, etag):
+            start = int(headers["Range"].removeprefix("bytes=").rstrip("-"))
+        out = {"Content-Length": str(len(data) - start), **({"ETag": etag} if etag else {})}
+        if start:
+            out["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        body = data[start:]
+        return (206 if start else 200), out, (body[:drops.pop(0)] if drops else body)
+    return handle
+
+
+BIG = b"".join(b"Story %d: the robot counted the stars again.\n<|endoftext|>\n" % i for i in range(60000))
+
+
+@pytest.mark.parametrize("etag, pinned", [('"v1"', False), (None, True)])
+def test_an_interrupted_http_download_resumes_where_it_stopped(tmp_path, etag, pinned):
+    sha = hashlib.sha256(BIG).hexdigest() if pinned else None
+    ranges: list[str | None] = []
+    with serve(ranged({"data": BIG, "etag": etag}, [1_500_000], ranges)) as (base, _):
+        src = http_source(f"{base}/big.txt", sha256=sha)
+        with pytest.raises(PersonaError, match=r"corpus.sources\[0\] .*bytes received are kept and the next run "
+                                               r"resumes"):
+            load_corpus([src], tmp_path / "dl")
+        part = next((tmp_path / "dl").glob(".*.part"))
+        received = part.stat().st_size
+        assert 0 < received <= 1_500_000
+        docs = load_corpus([src], tmp_path / "dl")
+    assert ranges == [None, f"bytes={received}-"]
+    assert len(docs.texts) == 60000 and docs.texts[-1] == "Story 59999: the robot counted the stars again."
+    assert docs.manifest[0]["files"][0]["sha256"] == hashlib.sha256(BIG).hexdigest()
+    assert [p.name for p in (tmp_path / "dl").iterdir()] == [part.name.removeprefix(".").removesuffix(".part")]
+
+
+def test_a_part_is_fetched_whole_when_the_file_changed_or_cannot_be_checked(tmp_path):
+    ranges: list[str | None] = []
+    served = {"data": BIG, "etag": '"v1"'}
+    with serve(ranged(served, [1_000_000], ranges)) as (base, _):
+        with pytest.raises(PersonaError):
+            load_corpus([http_source(f"{base}/big.txt")], tmp_path / "dl")
+        served.update(data=BIG.replace(b"robot", b"rabbit"), etag='"v2"')
+        docs = load_corpus([http_source(f"{base}/big.txt")], tmp_path / "dl")
+    assert ranges[1].startswith("bytes=")  # it asked for the rest; If-Range "v1" did not match, so it got all
+    assert docs.texts[0] == "Story 0: the rabbit counted the stars again." and len(docs.texts) == 60000
+
+    ranges.clear()
+    served.update(data=BIG, etag=None)
+    with serve(ranged(served, [1_000_000], ranges)) as (base, _):
+        with pytest.raises(PersonaError):
+            load_corpus([http_source(f"{base}/big.txt")], tmp_path / "dl2")
+        docs = load_corpus([http_source(f"{base}/big.txt")], tmp_path / "dl2")
+    assert ranges == [None, None] and len(docs.texts) == 60000  # no validator, no pinned sha256: no splice
+
+
 def test_http_refused_connection_is_an_error(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/x.txt"
     with pytest.raises(PersonaError, match=rf"corpus.sources\[0\] \(http {url}\): connection refused — "):

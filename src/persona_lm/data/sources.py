@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from persona_lm.errors import InputError, PersonaError, Skips
-from persona_lm.io import atomic_path
+from persona_lm.io import write_json
 from persona_lm.params import HfSource, HttpSource, LocalSource
 
 SEPARATOR = "<|endoftext|>"
@@ -218,33 +218,63 @@ def _network_reason(err: BaseException) -> str:
 
 
 def download(url: str, dest: Path, *, where: str, sha256: str | None = None, timeout: float = 60.0) -> str:
-    """Stream `url` into a temp file beside `dest`, verify `sha256` when given, rename; return the sha256.
+    """Stream `url` into `dest`, verify `sha256` when given; return the file's sha256.
 
-    A pinned checksum that matches a file already at `dest` skips the download, so re-runs work offline.
+    A pinned checksum that matches a file already at `dest` skips the download, so re-runs work offline. An
+    interrupted transfer keeps what it received (`.<name>.part`) and the next run asks for the rest with an HTTP
+    Range request (RFC 9110 §14), guarded by If-Range with the server's ETag or Last-Modified so a file that
+    changed in between is fetched whole instead of spliced. A part with no validator resumes only when the
+    checksum is pinned, which then vouches for the result. `dest` appears only when complete (and verified).
+    Raises PersonaError naming `where` for HTTP errors, network failures and a checksum mismatch.
     """
     if sha256 and dest.is_file() and sha256_file(dest) == sha256.lower():
         log.info("%s: using %s (sha256 matches)", where, dest)
         return sha256.lower()
-    h = hashlib.sha256()
-    request = urllib.request.Request(url, headers={"User-Agent": "persona-lm"})
+    part = dest.with_name(f".{dest.name}.part")
+    state = part.with_name(part.name + ".json")  # the url and validator the part was fetched with
+    kept = json.loads(state.read_text()) if state.is_file() and part.is_file() else {}
+    offset = part.stat().st_size if kept.get("url") == url and (kept.get("validator") or sha256) else 0
+    headers = {"User-Agent": "persona-lm"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+        if kept.get("validator"):
+            headers["If-Range"] = kept["validator"]
     try:
-        with atomic_path(dest) as tmp:
-            with urllib.request.urlopen(request, timeout=timeout) as resp, open(tmp, "wb") as f:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
+            resumed = offset and resp.status == 206 and \
+                resp.headers.get("Content-Range", "").startswith(f"bytes {offset}-")
+            if resumed:
+                log.info("%s: resuming %s at byte %d", where, dest.name, offset)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            write_json(state, {"url": url, "validator": resp.headers.get("ETag") or resp.headers.get("Last-Modified")})
+            expected, got = resp.headers.get("Content-Length"), 0
+            with open(part, "ab" if resumed else "wb") as f:
                 while chunk := resp.read(CHUNK):
-                    h.update(chunk)
                     f.write(chunk)
-            if sha256 and h.hexdigest() != sha256.lower():
-                raise PersonaError(
-                    f"{where}: sha256 mismatch (expected {sha256.lower()}, got {h.hexdigest()}) — "
-                    "the file changed or the checksum is wrong"
-                )
+                    got += len(chunk)
+            if expected is not None and got < int(expected):  # http.client returns a short body without a word
+                raise http.client.IncompleteRead(b"", int(expected) - got)
     except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:  # the part is not a prefix of what the server has now: start afresh
+            part.unlink()
+            return download(url, dest, where=where, sha256=sha256, timeout=timeout)
         raise PersonaError(f"{where}: HTTP {e.code} {e.reason}{NETWORK_HINT}") from None
     except urllib.error.URLError as e:
         raise PersonaError(f"{where}: {_network_reason(e.reason)}{NETWORK_HINT}") from None
     except (ConnectionError, TimeoutError, http.client.HTTPException) as e:  # dropped or stalled mid-stream
-        raise PersonaError(f"{where}: {_network_reason(e)}{NETWORK_HINT}") from None
-    return h.hexdigest()
+        got = f"; the {part.stat().st_size} bytes received are kept and the next run resumes" if part.is_file() else ""
+        raise PersonaError(f"{where}: {_network_reason(e)}{got}{NETWORK_HINT}") from None
+    digest = sha256_file(part)
+    if sha256 and digest != sha256.lower():
+        part.unlink()
+        state.unlink(missing_ok=True)
+        raise PersonaError(
+            f"{where}: sha256 mismatch (expected {sha256.lower()}, got {digest}) — "
+            "the file changed or the checksum is wrong"
+        )
+    part.replace(dest)
+    state.unlink(missing_ok=True)
+    return digest
 
 
 def http_files(src: HttpSource, where: str, download_dir: Path) -> Iterator[File]:
