@@ -60,12 +60,15 @@ def run(raw_path, shard_bytes, work, progress=lambda n: None) -> tuple[pl.DataFr
     return pl.concat(out), report
 
 
-def test_shards_decide_as_the_whole_corpus_does(raw, tmp_path):
+def test_shards_decide_as_the_whole_corpus_does(raw, tmp_path, monkeypatch):
     write_parquet(tmp_path / "raw.parquet", raw)
     whole, report = run(tmp_path / "raw.parquet", 1 << 40, sharded.Work(tmp_path / "w1", "a").open())
     small, small_report = run(tmp_path / "raw.parquet", 50_000, sharded.Work(tmp_path / "w2", "a").open())
     assert len(list((tmp_path / "w2").glob("scan-*.parquet"))) > 20
     assert small.equals(whole) and small_report == report
+    monkeypatch.setattr(sharded, "PART_DOCS", 97)  # dedup in ~25 partitions per band instead of one
+    parted, parted_report = run(tmp_path / "raw.parquet", 50_000, sharded.Work(tmp_path / "w3", "a").open())
+    assert parted.equals(whole) and parted_report == report
     assert set(whole["id"]) == reference_kept(raw, Filter(), 1337)
     assert report["dropped"]["dedup.exact"] >= 30 and report["dropped"]["dedup.minhash"] >= 30
     assert report["docs_in"] == report["docs_out"] + sum(report["dropped"].values())

@@ -5,10 +5,12 @@ Three passes, the multi-stage scheme of datatrove's and NeMo Curator's dedup:
    every quality rule (persona_lm.data.filters); its rows (id, source, text after C4's line removal, the first
    rule it fails, an exact-dedup key, the split hash) go to a parquet file and the MinHash signatures of the
    rows that passed to a .npy file, both in the work folder. Memory: one shard.
-2. `resolve`: exact duplicates from the keys, near duplicates from the signatures read one LSH band at a time
-   (stored band-major: a band is one contiguous read per shard), clusters joined across shards by min-label
-   propagation, and the train/val split. Memory: a few dozen bytes per document (its id, key and band
-   groups), never its text.
+2. `resolve`: exact duplicates from the keys, hashed into partitions; near duplicates from the signatures read
+   one LSH band at a time (stored band-major: a band is one contiguous read per shard), its rows spilled to
+   partition files and bucketed one partition at a time, the buckets of two or more documents kept on disk and
+   clusters joined across bands and shards by min-label propagation over them; then the train/val split.
+   Memory: one partition (PART_DOCS documents) plus about a dozen bytes per document (flags, its position in id
+   order, its cluster label), never its text; sorting the ids once holds the id column.
 3. The kept rows of each shard, in input order, appended to the output.
 
 The decisions are those of the in-memory rules: duplicates resolve in id order (the lowest id of a cluster
@@ -136,56 +138,117 @@ class Work:
         write_json(self.file("stats", k), shard.__dict__)
 
 
+PART_DOCS = 1 << 20  # documents per dedup partition: one partition of one band is in memory at a time
+
+
 def resolve(work: Work, cfg: Filter) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Pass 2 over every shard's scan: per document (in input order) whether it is an exact duplicate, a near
-    duplicate, kept, and in val (else train; False where not kept). Duplicates resolve in id order. Each column
-    is read when it is needed and dropped after, so memory holds one column of the corpus at a time besides
-    these flags and one band's buckets."""
+    duplicate, kept, and in val (else train; False where not kept). Duplicates resolve in id order.
+
+    Both dedups work partition by partition, so their working set is a partition, not the corpus: exact keys are
+    hashed into partitions (equal keys meet in one), and each LSH band's rows into partitions by their first
+    value (equal rows meet in one) through files in the work folder. A band's buckets of two or more documents
+    are kept on disk, and min-label propagation over them joins clusters across bands and shards. What stays in
+    memory per document is a few flags and two int32 (its position in id order, its cluster label)."""
     files = [work.file("scan", k) for k in range(len(work.shards))]
     if not files:
         empty = np.zeros(0, dtype=bool)
         return empty, empty, empty, empty
+    rows = pl.scan_parquet(files).with_row_index("row")
 
-    def column(expr) -> pl.Series:
-        return pl.scan_parquet(files).select(expr).collect().to_series()
+    def column(expr) -> np.ndarray:
+        return rows.select(expr).collect().to_series().to_numpy()
 
-    passed = column(pl.col("rule").is_null()).to_numpy()
+    passed = column(pl.col("rule").is_null())
     n = len(passed)
     exact = np.zeros(n, dtype=bool)
     near = np.zeros(n, dtype=bool)
-    order = column(pl.arg_sort_by("id", maintain_order=True)).to_numpy()
-    order = order[passed[order]]
     if cfg.exact_dedup:
-        exact[order] = ~column("key").gather(order).is_first_distinct().to_numpy()
+        parts = -(-int(passed.sum()) // PART_DOCS)
+        for p in range(parts):
+            part = rows.filter(pl.col("rule").is_null() & (pl.col("key").hash(seed=7) % parts == p)) \
+                .select("row", "id", "key").collect().sort(["id", "row"])
+            exact[part.filter(~pl.col("key").is_first_distinct())["row"].to_numpy()] = True
     if cfg.minhash.enabled:
-        keep = order[~exact[order]]
-        keep = keep[column("words").gather(keep).to_numpy()]  # documents without words never match anything
+        candidate = passed & ~exact & column(pl.col("words").fill_null(False))  # no words: matches nothing
+        order = column(pl.arg_sort_by("id", maintain_order=True))
+        keep = order[candidate[order]].astype(np.int64)  # the candidates in id order
+        del order
         if len(keep) >= 2:
-            rows = (np.cumsum(passed) - 1)[keep]  # each one's row in the concatenated signature files
-            groups = [dedup.band_groups(_band(work, b, cfg.minhash.rows)[rows]) for b in range(cfg.minhash.bands)]
-            near[keep] = dedup.propagate(groups, len(keep)) != np.arange(len(keep))
-    del order
+            position = np.full(n, -1, dtype=np.int32)
+            position[keep] = np.arange(len(keep), dtype=np.int32)
+            buckets = _buckets(work, passed, position, cfg.minhash.bands, cfg.minhash.rows)
+            near[keep] = _propagate(buckets, len(keep)) != np.arange(len(keep))
+            shutil.rmtree(work.path / "bands", ignore_errors=True)
     kept = passed & ~exact & ~near
     val = np.zeros(n, dtype=bool)
-    val[kept] = val_mask(column("u").to_numpy()[kept], cfg.val_fraction)
+    val[kept] = val_mask(column("u")[kept], cfg.val_fraction)
     return exact, near, kept, val
+
+
+def _buckets(work: Work, passed: np.ndarray, position: np.ndarray, bands: int, rows: int) -> list[Path]:
+    """Per band and partition, the buckets of two or more candidates: a .npz of `pos` (positions in id order,
+    grouped by bucket) and `group` (their bucket, 0..k). Each shard's band is read once and split into
+    partition files by its rows' first value; each partition is then grouped in memory on its own."""
+    folder = work.path / "bands"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    parts = -(-int((position >= 0).sum()) // PART_DOCS)
+    record = np.dtype([("pos", "<i4"), ("v", "<u4", (rows,))])
+    out = []
+    for b in range(bands):
+        spill = [open(folder / f"spill-{p}.bin", "wb") for p in range(parts)]
+        start = 0
+        for k, shard in enumerate(work.shards):
+            where = start + np.flatnonzero(passed[start:start + shard.docs])  # the rows of the shard's signatures
+            start += shard.docs
+            sig = np.load(work.file("sig", k), mmap_mode="r")
+            band = np.array(sig[b])
+            del sig
+            pos = position[where]
+            mine = pos >= 0
+            rec = np.empty(int(mine.sum()), dtype=record)
+            rec["pos"], rec["v"] = pos[mine], band[mine]
+            part = rec["v"][:, 0] % parts
+            for p in range(parts):
+                rec[part == p].tofile(spill[p])
+        for f in spill:
+            f.close()
+        for p in range(parts):
+            rec = np.fromfile(folder / f"spill-{p}.bin", dtype=record)
+            (folder / f"spill-{p}.bin").unlink()
+            group = dedup.band_groups(rec["v"])
+            shared = np.bincount(group)[group] > 1
+            if shared.any():
+                group = np.unique(group[shared], return_inverse=True)[1].ravel().astype(np.int32)
+                out.append(folder / f"band-{b}-{p}.npz")
+                np.savez(out[-1], pos=rec["pos"][shared], group=group)
+    return out
+
+
+def _propagate(buckets: list[Path], n: int) -> np.ndarray:
+    """The cluster label of each of n positions: the lowest position connected to it through shared buckets
+    (dedup.propagate's min-label propagation, over the bucket files one at a time)."""
+    labels = np.arange(n, dtype=np.int32)
+    changed = True
+    while changed:
+        changed = False
+        for path in buckets:
+            with np.load(path) as f:
+                pos, group = f["pos"], f["group"]
+            low = np.full(group.max() + 1, n, dtype=np.int32)
+            np.minimum.at(low, group, labels[pos])
+            new = np.minimum(labels[pos], low[group])
+            if (new < labels[pos]).any():
+                labels[pos] = new
+                changed = True
+    return labels
 
 
 def band_major(sig: np.ndarray, rows: int) -> np.ndarray:
     """(n, bands * rows) signatures -> (bands, n, rows): each band contiguous on disk, so reading one band reads
     1/bands of the file."""
     return np.ascontiguousarray(sig.reshape(len(sig), sig.shape[1] // rows, rows).transpose(1, 0, 2))
-
-
-def _band(work: "Work", band: int, rows: int) -> np.ndarray:
-    """One LSH band of every shard's signatures, in shard order: (n_passed, rows) uint32. Each file is mapped only
-    while its band is copied, so the pages read do not stay resident (and counted) after."""
-    parts = []
-    for k in range(len(work.shards)):
-        sig = np.load(work.file("sig", k), mmap_mode="r")
-        parts.append(np.array(sig[band]))
-        del sig
-    return np.concatenate(parts) if parts else np.zeros((0, rows), np.uint32)
 
 
 def val_mask(u: np.ndarray, val_fraction: float) -> np.ndarray:
