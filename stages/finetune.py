@@ -12,6 +12,7 @@ from persona_lm.params import Params
 from persona_lm.train import phase
 from persona_lm.train.batches import ChatBatches
 from persona_lm.train.loop import train
+from persona_lm.train.tokens import META
 
 IN, OUT = Path("models/pretrain"), Path("models/finetune")
 
@@ -24,10 +25,10 @@ def main(p: Params) -> None:
         train=train_ex, val=val_ex,
         train_weights=phase.share_weights(p, train_rows, train_ex),
         val_weights=phase.share_weights(p, val_rows, val_ex),
-        corpus=phase.token_stream(tok, phase.corpus_texts("train")) if p.finetune.replay > 0 else None,
+        corpus=phase.corpus_tokens("train") if p.finetune.replay > 0 else None,
         replay=p.finetune.replay, batch_size=p.finetune.batch_size, block_size=model.cfg.block_size,
         pad_id=tok.pad, seed=p.seed)
-    fp = phase.fingerprint(p, ["seed", "persona", "model", "base", "lora", "finetune"], [IN, phase.SHAREGPT, phase.CORPUS])
+    fp = phase.fingerprint(p, ["seed", "persona", "model", "base", "lora", "finetune"], [IN, phase.SHAREGPT, phase.TOKENS / META])
     result = train(model, p.finetune, batches, phase.CHECKPOINTS / "finetune", fp,
                    {"seed": p.seed, "live_dir": "reports/train/finetune"}, "finetune")
     phase.finish(p, "finetune", model, result, OUT)

@@ -1,5 +1,6 @@
-"""Stage pretrain (phase 1): next-token prediction on the corpus, with the user's own voice (transcripts and
-their side of message exports) mixed in at `pretrain.personal_mix` -> models/pretrain/.
+"""Stage pretrain (phase 1): next-token prediction on the corpus (tokenize_corpus's memory-mapped tokens), with
+the user's own voice (transcripts and their side of message exports) mixed in at `pretrain.personal_mix`
+-> models/pretrain/.
 
 From scratch this trains a new model. With `base.model` it continues the base's pretraining (through LoRA when
 `lora.phases` lists pretrain); `pretrain.max_iters: 0` uses the base as published and loads no weights here.
@@ -15,6 +16,7 @@ from persona_lm.tokenizer import load_tokenizer
 from persona_lm.train import phase
 from persona_lm.train.batches import CorpusBatches
 from persona_lm.train.loop import train
+from persona_lm.train.tokens import META
 
 OUT, LIVE = Path("models/pretrain"), Path("reports/train/pretrain")
 
@@ -26,15 +28,14 @@ def main(p: Params) -> None:
         return
     phase.check_lora(p, "pretrain", tok)
     personal = phase.personal_texts()
-    train_texts, val_texts = phase.corpus_texts("train"), phase.corpus_texts("val")
     batches = CorpusBatches(
-        train=phase.token_stream(tok, train_texts),
-        val=phase.token_stream(tok, val_texts or train_texts[:1]),
+        train=phase.corpus_tokens("train"),
+        val=phase.corpus_tokens("val"),
         personal=phase.token_stream(tok, personal) if personal else None,
         personal_mix=p.pretrain.personal_mix, batch_size=p.pretrain.batch_size,
         block_size=p.model.block_size, seed=p.seed)
     model = phase.new_model(p, tok)
-    inputs = [phase.TOKENIZER, phase.CORPUS, phase.TRANSCRIPTS, phase.MESSAGES]
+    inputs = [phase.TOKENIZER, phase.TOKENS / META, phase.TRANSCRIPTS, phase.MESSAGES]
     fp = phase.fingerprint(p, ["seed", "persona", "model", "base", "lora", "pretrain"], [f for f in inputs if f.exists()])
     result = train(model, p.pretrain, batches, phase.CHECKPOINTS / "pretrain", fp,
                    {"seed": p.seed, "live_dir": LIVE}, "pretrain")

@@ -1,4 +1,5 @@
-"""Stage train_tokenizer: filtered corpus + ShareGPT train text -> models/tokenizer/.
+"""Stage train_tokenizer: filtered corpus + ShareGPT train text -> models/tokenizer/. The corpus is streamed
+(the trainer keeps word counts, not texts), so it need not fit in memory.
 
 From scratch, a tokenizer is trained (tokenizer.json). With `base.model` the base is located and checked
 (before any weights are downloaded) and its own tokenizer and chat template are taken, with our markers added
@@ -10,13 +11,14 @@ makes tokenizers comparable.
 from __future__ import annotations
 
 import logging
+from itertools import chain
 from pathlib import Path
 
 from persona_lm import stage
 from persona_lm.io import atomic_dir, write_json
 from persona_lm.params import Params
 from persona_lm.tokenizer import ChatTokenizer, TemplateTokenizer, iter_texts, save_tokenizer, train_tokenizer
-from persona_lm.train.phase import TOKENIZER, corpus_texts, sharegpt_rows
+from persona_lm.train.phase import TOKENIZER, corpus_batches, corpus_texts, sharegpt_rows
 
 log = logging.getLogger("persona_lm.train_tokenizer")
 
@@ -24,7 +26,7 @@ log = logging.getLogger("persona_lm.train_tokenizer")
 def main(p: Params) -> None:
     metrics = {}
     if p.base.model is None:
-        texts = corpus_texts("train") + list(iter_texts(sharegpt_rows("train")))
+        texts = chain(corpus_texts("train"), iter_texts(sharegpt_rows("train")))
         tok = ChatTokenizer(train_tokenizer(texts, p.tokenizer.kind, p.tokenizer.vocab_size, p.persona.emotions,
                                             p.tokenizer.min_frequency))
         metrics["kind"] = p.tokenizer.kind
@@ -35,9 +37,10 @@ def main(p: Params) -> None:
         n_params = base.check(folder, p.base)
         tok = TemplateTokenizer.build(folder, p.base.markers, p.persona.emotions, record)
         metrics.update(kind="base", base=record["model"], base_params=n_params, new_tokens=tok.info["new_tokens"])
-    held_out = corpus_texts("val") + list(iter_texts(sharegpt_rows("val")))
-    n_bytes = sum(len(t.encode("utf-8")) for t in held_out)
-    n_tokens = sum(len(ids) for ids in tok.encode_batch(held_out))
+    n_bytes = n_tokens = 0
+    for held_out in chain(corpus_batches("val"), [list(iter_texts(sharegpt_rows("val")))]):
+        n_bytes += sum(len(t.encode("utf-8")) for t in held_out)
+        n_tokens += sum(len(ids) for ids in tok.encode_batch(held_out))
     with atomic_dir(TOKENIZER) as tmp:
         if isinstance(tok, ChatTokenizer):
             save_tokenizer(tok.tok, tmp / "tokenizer.json")

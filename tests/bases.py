@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EMOTIONS = ["neutral", "joy", "sadness"]
-STAGES = ["train_tokenizer", "pretrain", "finetune", "train_emotion", "evaluate"]
+STAGES = ["train_tokenizer", "tokenize_corpus", "pretrain", "finetune", "train_emotion", "evaluate"]
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
           "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"

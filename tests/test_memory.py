@@ -509,7 +509,7 @@ def test_a_base_model_run_gets_a_fisher_and_a_memory(tmp_path):
     d = write_project(tmp_path / "proj", {"base": {"model": str(folder)}, "pretrain": {"max_iters": 0},
                                           "lora": {"r": 4}, "model": {"block_size": 256},
                                           "weight_memory": {"fisher_examples": 8}})
-    for name in ("train_tokenizer", "pretrain", "finetune", "train_emotion"):
+    for name in ("train_tokenizer", "tokenize_corpus", "pretrain", "finetune", "train_emotion"):
         proc = stage(d, name)
         assert proc.returncode == 0, f"{name}: {proc.stderr[-2000:]}"
     final = d / "models/final"

@@ -133,6 +133,9 @@ def project(tmp_path_factory):
               "pretrain": {"max_iters": 40, "batch_size": 4, "ckpt_interval": 5, "eval_interval": 10,
                            "eval_iters": 2, "warmup_iters": 5, "keep_checkpoints": 20, "device": "cpu"}}
     (d / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run([sys.executable, str(ROOT / "stages/tokenize_corpus.py")], cwd=d, env=_env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     return d
 
 

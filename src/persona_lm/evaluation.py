@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from itertools import islice
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -18,13 +20,21 @@ from persona_lm.generate import generate, generate_batch
 from persona_lm.train.batches import IGNORE, collate_emotion, crop, pad_sequences
 
 
+def _encoded(tok, texts: Iterable[str], batch: int = 64) -> Iterator[tuple[str, list[int]]]:
+    """(text, ids) pairs, encoded `batch` texts at a time, read no further than the caller goes."""
+    texts = iter(texts)
+    while chunk := list(islice(texts, batch)):
+        yield from zip(chunk, tok.encode_batch(chunk))
+
+
 @torch.inference_mode()
-def bits_per_byte(model, tok, texts: list[str], max_tokens: int, batch_size: int = 8) -> dict:
+def bits_per_byte(model, tok, texts: Iterable[str], max_tokens: int, batch_size: int = 8) -> dict:
     """Total next-token cross-entropy in bits over non-overlapping windows, divided by the UTF-8 bytes those
-    tokens spell (each <|endoftext|> separator counted as one byte)."""
+    tokens spell (each <|endoftext|> separator counted as one byte). Documents are taken in order, whole, up to
+    `max_tokens`; `texts` is read only that far."""
     T = model.cfg.block_size
     ids, n_bytes = [], 0
-    for text, doc in zip(texts, tok.encode_batch(texts)):
+    for text, doc in _encoded(tok, texts):
         if ids and len(ids) + len(doc) + 1 > max_tokens:
             break
         ids += doc + [tok.eot]

@@ -70,8 +70,10 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int, emotions: 
                     min_frequency: int = 2) -> Tokenizer:
     specials = special_tokens(emotions)
     if kind == "char":
-        texts = list(texts)
-        chars = sorted({c for t in texts for c in t})
+        seen: set[str] = set()
+        for t in texts:
+            seen.update(t)
+        chars = sorted(seen)
         vocab = {tok: i for i, tok in enumerate(specials + [UNK] + chars)}
         tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
         # isolate every character so BPE never sees long "words"; Fuse joins the pieces back on decode

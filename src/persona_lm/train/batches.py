@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from persona_lm.model import window_stride
@@ -23,14 +24,20 @@ def generator(seed: int, split: str, step: int, rank: int = 0) -> torch.Generato
     return torch.Generator().manual_seed(((seed * 1_000_003 + _SPLIT_SALT[split]) * 1_000_033 + step) * 257 + rank)
 
 
-def sample_windows(stream: torch.Tensor, n: int, block_size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """n random windows of block_size+1 tokens from a 1-D token stream -> (inputs, targets)."""
-    if stream.numel() <= block_size + 1:
-        reps = (block_size + 2) // max(stream.numel(), 1) + 1
-        stream = stream.repeat(reps)
-    starts = torch.randint(0, stream.numel() - block_size - 1, (n,), generator=g)
+def sample_windows(stream: torch.Tensor | np.ndarray, n: int, block_size: int,
+                   g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random windows of block_size+1 tokens from a 1-D token stream -> (inputs, targets), each (n, block_size)
+    int64. The stream is a tensor or a numpy array such as tokenize_corpus's memmap, of which only the windows'
+    pages are read; the same generator draws the same windows from either."""
+    if len(stream) <= block_size + 1:
+        reps = (block_size + 2) // max(len(stream), 1) + 1
+        stream = torch.as_tensor(np.asarray(stream, dtype=np.int64)).repeat(reps)
+    starts = torch.randint(0, len(stream) - block_size - 1, (n,), generator=g)
     idx = starts[:, None] + torch.arange(block_size + 1)
-    windows = stream[idx]
+    if isinstance(stream, np.ndarray):
+        windows = torch.from_numpy(stream[idx.numpy()].astype(np.int64))
+    else:
+        windows = stream[idx]
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 
@@ -52,8 +59,8 @@ def pad_sequences(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple
 class CorpusBatches:
     """Pretraining: windows from the corpus stream, a `personal_mix` share from the personal-voice stream."""
 
-    train: torch.Tensor
-    val: torch.Tensor
+    train: torch.Tensor | np.ndarray  # (tokens,); tokenize_corpus's memmap in the pretrain stage
+    val: torch.Tensor | np.ndarray
     personal: torch.Tensor | None
     personal_mix: float
     batch_size: int
@@ -89,7 +96,7 @@ class ChatBatches:
 
     train: list[tuple[list[int], list[int], int]]
     val: list[tuple[list[int], list[int], int]]
-    corpus: torch.Tensor | None
+    corpus: torch.Tensor | np.ndarray | None
     replay: float
     batch_size: int
     block_size: int

@@ -1,0 +1,68 @@
+"""The filtered corpus as memory-mapped token files, as nanoGPT's train.bin/val.bin: one flat file of token ids
+per split, documents joined by <|endoftext|>, read with np.memmap so pretraining samples windows from a corpus
+larger than RAM (only the pages a batch touches are read).
+
+`write_tokens` encodes a stream of text batches and appends each batch to the file as it goes: memory holds one
+batch, whatever the corpus size. `meta.json` beside the files records the dtype, the counts and a SHA-256 of each
+file computed while writing, so a run is fingerprinted by that small file instead of rereading gigabytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from itertools import chain
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from persona_lm.errors import PersonaError
+
+META = "meta.json"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits (2 bytes per token, as nanoGPT), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def write_tokens(tok, batches: Iterable[list[str]], path: Path) -> dict:
+    """Encode each batch of documents (`tok.encode_batch`), append `doc + [eot]` per document to `path` (a flat
+    array of `token_dtype(tok.vocab_size)`), and return {"tokens", "docs", "bytes" (UTF-8 text bytes), "sha256"}.
+    The caller makes the write atomic."""
+    dtype = token_dtype(tok.vocab_size)
+    h = hashlib.sha256()
+    n_tokens = n_docs = n_bytes = 0
+    with open(path, "wb") as f:
+        for texts in batches:
+            if not texts:
+                continue
+            docs = tok.encode_batch(texts)
+            count = sum(len(d) + 1 for d in docs)
+            ids = np.fromiter(chain.from_iterable(d + [tok.eot] for d in docs), dtype=dtype, count=count)
+            data = ids.tobytes()
+            f.write(data)
+            h.update(data)
+            n_tokens += len(ids)
+            n_docs += len(docs)
+            n_bytes += sum(len(t.encode("utf-8")) for t in texts)
+    return {"tokens": n_tokens, "docs": n_docs, "bytes": n_bytes, "sha256": h.hexdigest()}
+
+
+def load_tokens(folder: Path, split: str) -> np.memmap:
+    """The split's token ids, memory-mapped read-only: (tokens,) of the dtype in meta.json.
+    Raises PersonaError when the folder was not written by tokenize_corpus or the file is incomplete."""
+    meta_path = Path(folder) / META
+    if not meta_path.is_file():
+        raise PersonaError(f"{meta_path} is missing: run `dvc repro tokenize_corpus` first")
+    meta = json.loads(meta_path.read_text())
+    info, dtype = meta["splits"][split], np.dtype(meta["dtype"])
+    path = Path(folder) / f"{split}.bin"
+    size = path.stat().st_size if path.is_file() else -1
+    if size != info["tokens"] * dtype.itemsize:
+        raise PersonaError(f"{path}: {size} bytes, expected {info['tokens'] * dtype.itemsize} "
+                           f"({info['tokens']} {dtype} tokens); run `dvc repro tokenize_corpus` again")
+    if info["tokens"] == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
