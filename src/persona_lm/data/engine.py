@@ -1,0 +1,83 @@
+"""Where filter_corpus's pass 1 runs: shard by shard in this process (`filter.engine: local`), or on a Dask
+cluster (`dask`), a local one of `filter.workers` processes on 127.0.0.1 or a running one at `filter.scheduler`.
+
+Why Dask distributed: on this workload (scanning 16 MB shards, 2 workers on 127.0.0.1) it added 34 MB of pure
+Python with no conflict with constraints.txt, started in 2-3 s and idled at 180-260 MiB; Ray added 255 MB and
+an unpinned protobuf, started in 6.7 s and idled at 726 MiB for the same MB/s within noise; datatrove's
+executors reach other machines only through Slurm or Ray, and need a filesystem shared by every task.
+
+A map takes the function and the shards as (index, rows or None) in order; it yields (index, result or None)
+in the same order, None where the shard was None (a shard an earlier run finished: not sent again). Shards go
+to the workers over the network, no shared filesystem needed; at most `2 * workers` are in flight, so the
+driver holds a bounded number of shards and results whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, TypeVar
+
+from persona_lm.errors import PersonaError
+from persona_lm.params import Filter
+
+T = TypeVar("T")
+R = TypeVar("R")
+Map = Callable[[Callable[[T], R], Iterable[tuple[int, T | None]]], Iterator[tuple[int, R | None]]]
+
+
+def local(fn: Callable[[T], R], shards: Iterable[tuple[int, T | None]]) -> Iterator[tuple[int, R | None]]:
+    """Each shard in this process, one at a time."""
+    for k, shard in shards:
+        yield k, None if shard is None else fn(shard)
+
+
+@contextmanager
+def shard_map(cfg: Filter) -> Iterator[Map]:
+    """The map of `cfg.engine`; a local Dask cluster is started here and stopped on exit."""
+    if cfg.engine == "local":
+        yield local
+        return
+    from distributed import Client, LocalCluster
+
+    if cfg.scheduler is None:
+        with LocalCluster(n_workers=cfg.workers, threads_per_worker=1, host="127.0.0.1", memory_limit=0,
+                          dashboard_address="127.0.0.1:0", worker_dashboard_address="127.0.0.1:0") as cluster, \
+                Client(cluster) as client:
+            yield _dask(client, cfg.workers)
+        return
+    try:
+        client = Client(cfg.scheduler, timeout=30)
+    except OSError as e:
+        raise PersonaError(f"filter_corpus: no Dask scheduler at {cfg.scheduler} ({e}); start one with "
+                           "`dask scheduler` or set filter.scheduler: null for a local cluster") from None
+    with client:
+        workers = len(client.scheduler_info()["workers"])
+        if workers == 0:
+            raise PersonaError(f"filter_corpus: the Dask scheduler at {cfg.scheduler} has no workers; start "
+                               f"them with `dask worker {cfg.scheduler}`")
+        yield _dask(client, workers)
+
+
+def _dask(client, workers: int) -> Map:
+    def run(fn, shards):
+        pending: deque = deque()
+
+        def result():
+            k, future = pending.popleft()
+            if future is None:
+                return k, None
+            try:
+                return k, future.result()
+            except Exception as e:
+                raise PersonaError(f"filter_corpus: shard {k} failed on the Dask cluster: "
+                                   f"{type(e).__name__}: {e}") from e
+
+        for k, shard in shards:
+            pending.append((k, None if shard is None else client.submit(fn, shard, pure=False)))
+            if len(pending) > 2 * workers:
+                yield result()
+        while pending:
+            yield result()
+
+    return run
