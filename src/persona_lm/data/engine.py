@@ -1,10 +1,10 @@
 """Where filter_corpus's pass 1 runs: shard by shard in this process (`filter.engine: local`), or on a Dask
 cluster (`dask`), a local one of `filter.workers` processes on 127.0.0.1 or a running one at `filter.scheduler`.
 
-Why Dask distributed: on this workload (scanning 16 MB shards, 2 workers on 127.0.0.1) it added 34 MB of pure
-Python with no conflict with constraints.txt, started in 2-3 s and idled at 180-260 MiB; Ray added 255 MB and
-an unpinned protobuf, started in 6.7 s and idled at 726 MiB for the same MB/s within noise; datatrove's
-executors reach other machines only through Slurm or Ray, and need a filesystem shared by every task.
+Why Dask distributed, measured on this workload (16 MB shards, 2 workers on 127.0.0.1): 34 MB of pure Python
+with no conflict with constraints.txt, 2-3 s to start, 180-260 MiB idle, 1.6-2.2 MB/s; Ray: 255 MB and an
+unpinned protobuf, 6-7 s, 726 MiB, 2.4 MB/s; datatrove's executors reach other machines only through Slurm or
+Ray, and need a filesystem shared by every task.
 
 A map takes the function and the shards as (index, rows or None) in order; it yields (index, result or None)
 in the same order, None where the shard was None (a shard an earlier run finished: not sent again). Shards go
