@@ -186,11 +186,16 @@ def test_dask_engine_writes_the_local_bytes(raw, root, tmp_path, monkeypatch, da
     assert len(tasks.data) > 20 and len({t["worker"] for t in tasks.data}) == 2  # every shard, on both workers
 
 
-def test_a_failing_shard_names_itself(raw, tmp_path):
+def test_a_failing_shard_names_itself_and_a_rerun_sends_only_the_rest(raw, tmp_path):
+    from distributed import get_task_stream
+
     good = raw.head(200)
     bad = good.with_columns(text=pl.lit(3))  # no text: the scan fails on the worker
     work = sharded.Work(tmp_path / "w", "a").open()
     with engine.shard_map(Filter(engine="dask", workers=1)) as map_shards:
         with pytest.raises(PersonaError, match="shard 1 failed on the Dask cluster"):
-            sharded.filter_shards([good, bad, good], Filter(), 1337, work, lambda df: None, map_shards=map_shards)
-    assert work.done(0) and not work.done(1)
+            sharded.filter_shards([good, bad], Filter(), 1337, work, lambda df: None, map_shards=map_shards)
+        assert work.done(0) and not work.done(1)
+        with get_task_stream() as tasks:
+            sharded.filter_shards([good, good, good], Filter(), 1337, work, lambda df: None, map_shards=map_shards)
+    assert len(tasks.data) == 2  # shard 0 was finished: not sent again
