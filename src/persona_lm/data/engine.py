@@ -14,6 +14,7 @@ driver holds a bounded number of shards and results whatever the corpus size.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -40,6 +41,7 @@ def shard_map(cfg: Filter) -> Iterator[Map]:
         return
     from distributed import Client, LocalCluster
 
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # not a line per worker started and stopped
     if cfg.scheduler is None:
         with LocalCluster(n_workers=cfg.workers, threads_per_worker=1, host="127.0.0.1", memory_limit=0,
                           dashboard_address="127.0.0.1:0", worker_dashboard_address="127.0.0.1:0") as cluster, \
