@@ -1,10 +1,10 @@
 """Where filter_corpus's pass 1 runs: shard by shard in this process (`filter.engine: local`), or on a Dask
 cluster (`dask`), a local one of `filter.workers` processes on 127.0.0.1 or a running one at `filter.scheduler`.
 
-Why Dask distributed, measured on this workload (16 MB shards, 2 workers on 127.0.0.1): 34 MB of pure Python
-with no conflict with constraints.txt, 2-3 s to start, 180-260 MiB idle, 1.6-2.2 MB/s; Ray: 255 MB and an
-unpinned protobuf, 6-7 s, 726 MiB, 2.4 MB/s; datatrove's executors reach other machines only through Slurm or
-Ray, and need a filesystem shared by every task.
+Why Dask distributed, measured on this workload (16 MB shards, 2 workers on 127.0.0.1; README, "filter_corpus
+on a cluster"): 34 MB of pure Python with no conflict with constraints.txt, 2-3 s to start, 180-260 MiB idle,
+1.6-2.2 MB/s; Ray: 255 MB and an unpinned protobuf, 6-7 s, 726 MiB, 2.4 MB/s; datatrove's executors reach other
+machines only through Slurm or Ray, and need a filesystem shared by every task. (MB = 10^6 bytes, MiB = 2^20.)
 
 A map takes the function and the shards as (index, rows or None) in order; it yields (index, result or None)
 in the same order, None where the shard was None (a shard an earlier run finished: not sent again). Shards go
@@ -35,7 +35,9 @@ def local(fn: Callable[[T], R], shards: Iterable[tuple[int, T | None]]) -> Itera
 
 @contextmanager
 def shard_map(cfg: Filter) -> Iterator[Map]:
-    """The map of `cfg.engine`; a local Dask cluster is started here and stopped on exit."""
+    """The map of `cfg.engine`; a local Dask cluster is started here and stopped on exit. Raises PersonaError when
+    `cfg.scheduler` does not answer within 30 s or has no workers; the map raises PersonaError naming the shard
+    whose scan failed on a worker (the worker's exception chained)."""
     if cfg.engine == "local":
         yield local
         return
@@ -43,7 +45,7 @@ def shard_map(cfg: Filter) -> Iterator[Map]:
 
     logging.getLogger("distributed").setLevel(logging.WARNING)  # not a line per worker started and stopped
     if cfg.scheduler is None:
-        with LocalCluster(n_workers=cfg.workers, threads_per_worker=1, host="127.0.0.1", memory_limit=0,
+        with LocalCluster(n_workers=cfg.workers, threads_per_worker=1, host="127.0.0.1",
                           dashboard_address="127.0.0.1:0", worker_dashboard_address="127.0.0.1:0") as cluster, \
                 Client(cluster) as client:
             yield _dask(client, cfg.workers)
@@ -77,7 +79,7 @@ def _dask(client, workers: int) -> Map:
 
         for k, shard in shards:
             pending.append((k, None if shard is None else client.submit(fn, shard, pure=False)))
-            if len(pending) > 2 * workers:
+            if len(pending) >= 2 * workers:
                 yield result()
         while pending:
             yield result()
