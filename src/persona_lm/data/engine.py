@@ -2,9 +2,10 @@
 cluster (`dask`), a local one of `filter.workers` processes on 127.0.0.1 or a running one at `filter.scheduler`.
 
 Why Dask distributed, measured on this workload (16 MB shards, 2 workers on 127.0.0.1; README, "filter_corpus
-on a cluster"): 34 MB of pure Python with no conflict with constraints.txt, 2-3 s to start, 180-260 MiB idle,
-1.6-2.2 MB/s; Ray: 255 MB and an unpinned protobuf, 6-7 s, 726 MiB, 2.4 MB/s; datatrove's executors reach other
-machines only through Slurm or Ray, and need a filesystem shared by every task. (MB = 10^6 bytes, MiB = 2^20.)
+on a cluster"): 34 MB of pure Python with no conflict with constraints.txt, 2-3 s to start, 256 MiB idle,
+3.6 MB/s (the in-process loop: 2.5); Ray: 255 MB and an unpinned protobuf, 5-7 s, 725 MiB, 4.0 MB/s; datatrove's
+executors reach other machines only through Slurm or Ray, and need a filesystem shared by every task.
+(MB = 10^6 bytes, MiB = 2^20.)
 
 A map takes the function and the shards as (index, rows or None) in order; it yields (index, result or None)
 in the same order, None where the shard was None (a shard an earlier run finished: not sent again). Shards go
