@@ -1,13 +1,15 @@
 """download_corpus + filter_corpus at scale: peak RSS, MB/s and documents kept on a synthetic corpus.
 
     .venv/bin/python bench/corpus_scale.py --sizes 100,1000,2000 [--src ../other-checkout/src] [--keep DIR]
+    .venv/bin/python bench/corpus_scale.py --sizes 100 --engine dask --workers 2
 
 The corpus: TinyStories documents (../shared/data, 2 MB) repeated with seeded word swaps until the size is
 reached (2-6 words of each copy replaced from the stories' own vocabulary), so exact dedup does not remove the
 copies and MinHash must judge each one; every 50th document is an exact copy of an earlier one. Same size and
 seed, same bytes. It is written once per size as one <|endoftext|>-separated .txt file (a `local` source) in
 the bench's folder. Each stage runs as its own process (`python stages/<stage>.py` of the checkout whose `src`
-is given, default this one) in a scratch project; its peak RSS is the process's own (wait4).
+is given, default this one) in a scratch project; its peak RSS is the process's own (wait4), or with
+`--engine dask` the largest of it and its local cluster's processes.
 """
 
 from __future__ import annotations
@@ -79,11 +81,14 @@ def main() -> None:
     ap.add_argument("--sizes", default="100", help="corpus sizes in MB, comma-separated")
     ap.add_argument("--src", default=str(ROOT / "src"), help="the checkout's src folder whose stages run")
     ap.add_argument("--keep", help="folder for the generated corpora (kept between runs); default a temp folder")
+    ap.add_argument("--engine", choices=["local", "dask"], default="local", help="filter.engine")
+    ap.add_argument("--workers", type=int, default=2, help="filter.workers: the local Dask cluster's processes")
     args = ap.parse_args()
     src = Path(args.src).resolve()
     data = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="corpus_scale-"))
     data.mkdir(parents=True, exist_ok=True)
-    print(f"stages of {src.parent}; {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
+    where = f"dask, {args.workers} local workers" if args.engine == "dask" else "local"
+    print(f"stages of {src.parent}; filter on {where}; {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
     print(f"{'input MB':>9} {'docs':>9}  {'download s':>10} {'RSS MiB':>7}  {'filter s':>8} {'RSS MiB':>7} "
           f"{'MB/s':>6}  {'kept':>9}")
     for size in (float(s) for s in args.sizes.split(",")):
@@ -94,6 +99,8 @@ def main() -> None:
         try:
             params = yaml.safe_load((src.parent / "params.yaml").read_text())
             params["corpus"]["sources"] = [{"kind": "local", "path": str(corpus)}]
+            if args.engine == "dask":
+                params["filter"].update(engine="dask", workers=args.workers)
             (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             t_dl, rss_dl, _ = run_stage(project, src, "download_corpus")
             t_f, rss_f, _ = run_stage(project, src, "filter_corpus")

@@ -5,7 +5,8 @@ data/interim/corpus.parquet (id, source, text, split) and reports/filter.json: d
 and for every rule how many documents it dropped first (the rules and their order are in
 persona_lm.data.filters) and how many failed it at all; reports/corpus.json, the DVC metric, holds only the
 documents and bytes, so metric tables stay narrow. Memory holds one shard, not the corpus
-(persona_lm.data.corpus); an interrupted run resumes after the shards it finished (kept in WORK).
+(persona_lm.data.corpus); an interrupted run resumes after the shards it finished (kept in WORK). Shards are
+scanned in this process or, with `filter.engine: dask`, on a Dask cluster (persona_lm.data.engine): same output.
 """
 
 import sys
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from persona_lm import stage
 from persona_lm.data.corpus import OUT as COLUMNS
 from persona_lm.data.corpus import Work, filter_shards, parquet_shards
+from persona_lm.data.engine import shard_map
 from persona_lm.data.validation import validate_corpus
 from persona_lm.errors import InputError, PersonaError, log
 from persona_lm.io import ParquetRows, atomic_path, write_json
@@ -55,13 +57,14 @@ def check_raw(path: Path) -> int:
 def main(p: Params) -> None:
     rows = check_raw(RAW)
     stat = RAW.stat()
-    fingerprint = f"{stat.st_size}:{stat.st_mtime_ns}:{p.seed}:{p.filter.model_dump_json()}"
+    fingerprint = f"{stat.st_size}:{stat.st_mtime_ns}:{p.seed}:{p.filter.output_params()}"
     work = Work(WORK, fingerprint).open()
     bar = tqdm(total=rows, unit="doc", desc="filter_corpus", file=sys.stderr,
                mininterval=1.0 if sys.stderr.isatty() else 15.0)
     with atomic_path(OUT) as tmp, ParquetRows(tmp, COLUMNS) as out:
-        report = filter_shards(parquet_shards(RAW, int(p.filter.shard_mb * 1e6)), p.filter, p.seed, work, out.write,
-                               progress=bar.update)
+        with shard_map(p.filter) as map_shards:
+            report = filter_shards(parquet_shards(RAW, int(p.filter.shard_mb * 1e6)), p.filter, p.seed, work,
+                                   out.write, progress=bar.update, map_shards=map_shards)
         bar.close()
         write_json(REPORT, report)
         if report["docs_out"] == 0:

@@ -1,18 +1,23 @@
 """filter_corpus shard by shard: the same decisions as the in-memory rules whatever the shard size, duplicates found
-across shards, byte-identical output, and an interrupted run resumed from its finished shards."""
+across shards, byte-identical output, an interrupted run resumed from its finished shards, and the same bytes
+when the shards are scanned on a two-worker Dask cluster on 127.0.0.1."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import random
+import subprocess
+import sys
+import time
 
 import numpy as np
 import polars as pl
 import pytest
 
 from persona_lm.data import corpus as sharded
-from persona_lm.data import dedup, filters
+from persona_lm.data import dedup, engine, filters
+from persona_lm.errors import PersonaError
 from persona_lm.io import write_parquet
 from persona_lm.params import Filter, Params
 
@@ -136,3 +141,64 @@ def test_interrupted_filter_resumes_from_its_finished_shards(raw, root, tmp_path
     assert calls and not set(calls) & set(first)  # the five finished shards were not scanned again
     assert (stage.OUT.read_bytes(), stage.REPORT.read_text()) == expected
     assert not stage.WORK.exists()
+
+
+@pytest.fixture(scope="module")
+def dask_scheduler(tmp_path_factory):
+    """A Dask scheduler and two worker processes on 127.0.0.1, started as the README starts them; its address."""
+    from distributed import Client
+
+    folder = tmp_path_factory.mktemp("dask")
+    file = folder / "scheduler.json"
+    dask = [sys.executable, "-m", "dask"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [subprocess.Popen([*dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                               "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(file)], **quiet)]
+    try:
+        deadline = time.monotonic() + 60
+        while not file.exists() and procs[0].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        address = json.loads(file.read_text())["address"]
+        procs.append(subprocess.Popen([*dask, "worker", address, "--nworkers", "2", "--nthreads", "1", "--host",
+                                       "127.0.0.1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
+                                       "--local-directory", str(folder)], **quiet))
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def test_dask_engine_writes_the_local_bytes(raw, root, tmp_path, monkeypatch, dask_scheduler):
+    from distributed import Client, get_task_stream
+
+    stage = load_stage(root)
+    monkeypatch.chdir(tmp_path)
+    write_parquet(stage.RAW, raw)
+
+    def run(**where):
+        stage.main(Params(filter={"shard_mb": 0.05, **where}))
+        assert not stage.WORK.exists()
+        return stage.OUT.read_bytes(), stage.REPORT.read_text(), stage.VALIDATION.read_text()
+
+    local = run()
+    with Client(dask_scheduler) as client, get_task_stream(client) as tasks:
+        assert run(engine="dask", scheduler=dask_scheduler) == local
+    assert len(tasks.data) > 20 and len({t["worker"] for t in tasks.data}) == 2  # every shard, on both workers
+
+
+def test_a_failing_shard_names_itself_and_a_rerun_sends_only_the_rest(raw, tmp_path):
+    from distributed import get_task_stream
+
+    good = raw.head(200)
+    bad = good.with_columns(text=pl.lit(3))  # no text: the scan fails on the worker
+    work = sharded.Work(tmp_path / "w", "a").open()
+    with engine.shard_map(Filter(engine="dask", workers=1)) as map_shards:
+        with pytest.raises(PersonaError, match="shard 1 failed on the Dask cluster"):
+            sharded.filter_shards([good, bad], Filter(), 1337, work, lambda df: None, map_shards=map_shards)
+        assert work.done(0) and not work.done(1)
+        with get_task_stream() as tasks:
+            sharded.filter_shards([good, good, good], Filter(), 1337, work, lambda df: None, map_shards=map_shards)
+    assert len(tasks.data) == 2  # shard 0 was finished: not sent again

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from persona_lm.errors import ParamsError
-from persona_lm.params import Params, load_params, parse_params
+from persona_lm.params import Filter, Params, load_params, parse_params
 
 
 def test_repo_params_are_the_schema_defaults(root):
@@ -26,6 +26,10 @@ def test_repo_params_are_the_schema_defaults(root):
      "params.yaml: messages.exports[0].format: must be one of"),
     ({"persona": {"emotions": ["joy", "joy", "neutral"]}}, "params.yaml: persona.emotions: labels must be unique"),
     ({"filter": {"min_words": 10, "max_words": 5}}, "params.yaml: filter.min_words: must be <= max_words"),
+    ({"filter": {"engine": "spark"}}, "params.yaml: filter.engine: must be one of"),
+    ({"filter": {"engine": "dask", "workers": 0}}, "params.yaml: filter.workers: must be >= 1 (got 0)"),
+    ({"filter": {"engine": "dask", "scheduler": "node1"}}, "params.yaml: filter.scheduler: must match"),
+    ({"filter": {"scheduler": "tcp://node1:8786"}}, "params.yaml: filter.scheduler: is only used with engine: dask"),
     ({"sharegpt": {"weights": {"templates": -1}}}, "params.yaml: sharegpt.weights.templates: must be >= 0"),
     ({"weight_memory": {"r": 0}}, "params.yaml: weight_memory.r: must be >= 1 (got 0)"),
     ({"weight_memory": {"replay_share": 1.0}}, "params.yaml: weight_memory.replay_share: must be < 1.0 (got 1.0)"),
@@ -35,6 +39,11 @@ def test_bad_params_name_the_key(data, message):
     with pytest.raises(ParamsError) as e:
         parse_params(data)
     assert str(e.value).splitlines()[0].startswith(message)
+
+
+def test_where_filter_runs_is_not_part_of_its_output_params():
+    assert Filter(engine="dask", scheduler="tcp://10.0.0.1:8786", workers=8).output_params() == Filter().output_params()
+    assert Filter(shard_mb=1).output_params() != Filter().output_params()
 
 
 def test_yaml_errors_are_one_line(tmp_path):

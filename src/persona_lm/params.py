@@ -233,12 +233,25 @@ class Filter(Section):
     shard_mb: float = Field(16, gt=0, description="MB of raw text per shard: filter_corpus holds one shard's "
                             "documents in memory (~30x their size at peak), whatever the corpus size; the "
                             "output does not depend on it")
+    engine: Literal["local", "dask"] = Field("local", description="where each shard is scanned: in the stage's "
+                                             "process, or on a Dask cluster (persona_lm.data.engine); the output "
+                                             "is byte-identical either way")
+    scheduler: str | None = Field(None, pattern=r"^[a-z]+://\S+:\d+$", description="a running Dask "
+                                  "scheduler's address (tcp://host:port); none: engine dask starts `workers` "
+                                  "worker processes on 127.0.0.1")
+    workers: int = Field(2, ge=1, description="worker processes of the local Dask cluster")
 
     @model_validator(mode="after")
     def _bounds(self) -> "Filter":
         if self.min_words > self.max_words:
             raise ValueError(f"min_words: must be <= max_words ({self.max_words}) (got {self.min_words})")
+        if self.scheduler is not None and self.engine != "dask":
+            raise ValueError(f"scheduler: is only used with engine: dask (got engine: {self.engine})")
         return self
+
+    def output_params(self) -> str:
+        """These params as JSON without those that only choose where the work runs (the output is the same)."""
+        return self.model_dump_json(exclude={"engine", "scheduler", "workers"})
 
 
 # ---------------------------------------------------------------------------------------------- youtube

@@ -26,13 +26,14 @@ import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import polars as pl
 
-from persona_lm.data import dedup
+from persona_lm.data import dedup, engine
 from persona_lm.data.filters import normalize, quality_flags
 from persona_lm.io import write_json
 from persona_lm.params import Filter
@@ -80,6 +81,15 @@ def scan(df: pl.DataFrame, cfg: Filter, seed: int) -> tuple[pl.DataFrame, np.nda
                           "key": spread(exact, pl.Binary), "u": spread(u, pl.Float64),
                           "words": spread(has, pl.Boolean)}, schema=SCAN)
     return frame, sig, {r: int(flags[r].sum()) for r in rules}
+
+
+def scan_shard(df: pl.DataFrame, cfg: Filter, seed: int) -> tuple[pl.DataFrame, np.ndarray, "Shard"]:
+    """Pass 1 on one shard, everything Work.save needs: the SCAN frame, the band-major signatures and the record.
+    A pure function of the rows, so it runs wherever the engine sends the shard (persona_lm.data.engine)."""
+    frame, sig, failed = scan(df, cfg, seed)
+    sources = dict(df.group_by("source").len().sort("source").iter_rows())
+    shard = Shard(len(df), int(df["text"].str.len_bytes().sum() or 0), failed, sources, len(sig))
+    return frame, band_major(sig, cfg.minhash.rows), shard
 
 
 def rule_names(cfg: Filter) -> list[str]:
@@ -269,20 +279,20 @@ def split_of(texts: pl.Series, val_fraction: float, seed: int) -> np.ndarray:
 
 
 def filter_shards(shards: Iterable[pl.DataFrame], cfg: Filter, seed: int, work: Work,
-                  write: Callable[[pl.DataFrame], None], progress: Callable[[int], None] = lambda docs: None) -> dict:
+                  write: Callable[[pl.DataFrame], None], progress: Callable[[int], None] = lambda docs: None,
+                  map_shards: engine.Map = engine.local) -> dict:
     """Filter a corpus given as shards of (id, source, text) rows, in input order; `write` receives the kept rows
-    (id, source, text, split) shard by shard, in input order. Shards that `work` already finished are not
-    scanned again (their rows are still read from `shards`, which must be the same). Returns the report:
-    documents and bytes in and out, per rule the documents it dropped first (`dropped`: docs_in = docs_out +
-    their sum) and those failing it at all (`failed`), and per source documents in and out."""
+    (id, source, text, split) shard by shard, in input order. Pass 1 runs through `map_shards` (in this process
+    by default; see persona_lm.data.engine), its results saved in shard order. Shards that `work` already
+    finished are not scanned again (their rows are still read from `shards`, which must be the same). Returns
+    the report: documents and bytes in and out, per rule the documents it dropped first (`dropped`: docs_in =
+    docs_out + their sum) and those failing it at all (`failed`), and per source documents in and out."""
     work.shards = []
-    for k, df in enumerate(shards):
+    todo = ((k, None if work.done(k) else df) for k, df in enumerate(shards))
+    for k, result in map_shards(partial(scan_shard, cfg=cfg, seed=seed), todo):
+        if result is not None:
+            work.save(k, *result)
         shard = work.done(k)
-        if shard is None:
-            frame, sig, failed = scan(df, cfg, seed)
-            sources = dict(df.group_by("source").len().sort("source").iter_rows())
-            shard = Shard(len(df), int(df["text"].str.len_bytes().sum() or 0), failed, sources, len(sig))
-            work.save(k, frame, band_major(sig, cfg.minhash.rows), shard)
         work.shards.append(shard)
         progress(shard.docs)
     exact, near, kept, val = resolve(work, cfg)
