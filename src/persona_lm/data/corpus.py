@@ -197,9 +197,9 @@ def resolve(work: Work, cfg: Filter) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def _buckets(work: Work, passed: np.ndarray, position: np.ndarray, bands: int, rows: int) -> list[Path]:
-    """Per band and partition, the buckets of two or more candidates: a .npz of `pos` (positions in id order,
-    grouped by bucket) and `group` (their bucket, 0..k). Each shard's band is read once and split into
-    partition files by its rows' first value; each partition is then grouped in memory on its own."""
+    """Per band and partition, the buckets of two or more candidates: a .npz of `pos` (the position in id order
+    of each document in such a bucket) and `group` (its bucket, 0..k). Each shard's band is read once and split
+    into partition files by its rows' first value; each partition is then bucketed in memory on its own."""
     folder = work.path / "bands"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
