@@ -5,8 +5,10 @@ size of the file, so a corpus larger than RAM can be judged by the figures.
 
 A file of `gb` GB of uint16 token ids (seeded random ids, written in 64 MB chunks, as tokenize_corpus writes
 them) is made in a scratch folder; a child process then draws `steps` pretraining batches from it through
-phase.corpus_tokens and CorpusBatches, as the pretrain stage does, and reports its own peak RSS (wait4). Before
-the files, the stage held the corpus as one int64 tensor: 8 bytes per token, 4x the file.
+load_tokens and CorpusBatches, as the pretrain stage does, after the page cache is dropped (when root), and
+reports its peak RSS, and of its resident memory what is anonymous (the process's own) and what is pages of the
+file (page cache the kernel evicts under pressure). Before the files, the stage held the corpus as one int64
+tensor: 8 bytes per token, 4x the file.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
-import sys, time
+import json, sys, time
 from pathlib import Path
 from persona_lm.train.batches import CorpusBatches
 from persona_lm.train.tokens import load_tokens
@@ -35,8 +37,21 @@ b = CorpusBatches(train=load_tokens(folder, "train"), val=load_tokens(folder, "v
                   personal_mix=0.0, batch_size=batch, block_size=block, seed=1337)
 for step in range(steps):
     b.get("train", step)
-print((time.perf_counter() - t0) / steps)
+status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+print(json.dumps({"s_per_batch": (time.perf_counter() - t0) / steps,
+                  **{k: int(status[k].split()[0]) / 1024 for k in ("VmHWM", "RssAnon", "RssFile")}}))
 """
+
+
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (root only), so the child reads the token file from disk, as it would one
+    larger than RAM; False where that is not allowed."""
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
 
 
 def make_tokens(folder: Path, gigabytes: float) -> int:
@@ -62,21 +77,18 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=256)
     args = ap.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    print(f"{'file':>8} {'tokens':>14} {'in memory before':>17} {'peak RSS':>9} {'ms/batch':>9}")
+    print(f"{'file':>8} {'tokens':>14} {'int64 tensor before':>20} {'peak RSS':>9} {'anonymous':>10} "
+          f"{'file pages':>11} {'ms/batch':>9}")
     for gb in [float(g) for g in args.gb.split(",")]:
         with tempfile.TemporaryDirectory(prefix="token-shards-") as tmp:
             n = make_tokens(Path(tmp), gb)
-            subprocess.run(["sync"], check=False)
-            start = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-c", CHILD, tmp, str(args.steps), str(args.batch),
-                                     str(args.block)], env=env, stdout=subprocess.PIPE, text=True)
-            out = proc.stdout.read()
-            _, status, usage = os.wait4(proc.pid, 0)
-            if status != 0:
-                sys.exit(f"child failed with status {status}")
-            per_batch = float(out.strip())
-            print(f"{gb:>6.1f}GB {n:>14,} {n * 8 / 2**20:>13,.0f} MiB {usage.ru_maxrss / 1024:>5,.0f} MiB "
-                  f"{per_batch * 1e3:>9.2f}   ({time.perf_counter() - start:.1f} s in all)")
+            cold = drop_page_cache()
+            out = subprocess.run([sys.executable, "-c", CHILD, tmp, str(args.steps), str(args.batch),
+                                  str(args.block)], env=env, capture_output=True, text=True, check=True).stdout
+            r = json.loads(out)
+            print(f"{gb:>6.1f}GB {n:>14,} {n * 8 / 2**20:>16,.0f} MiB {r['VmHWM']:>5,.0f} MiB {r['RssAnon']:>6,.0f} MiB "
+                  f"{r['RssFile']:>7,.0f} MiB {r['s_per_batch'] * 1e3:>9.2f}"
+                  f"{'' if cold else '  (page cache not dropped: the file was hot)'}")
 
 
 if __name__ == "__main__":
