@@ -14,6 +14,7 @@ from persona_lm.io import write_json, write_text
 from persona_lm.params import Params
 from persona_lm.train import phase
 from persona_lm.train.checkpoint import load_model
+from persona_lm.train.tokens import corpus_texts
 
 log = logging.getLogger("persona_lm.evaluate")
 
@@ -25,7 +26,7 @@ def main(p: Params) -> None:
     val_rows, train_rows = phase.sharegpt_rows("val"), phase.sharegpt_rows("train")
     steps = Steps(6)
     with steps("bits per byte on the corpus val split"):
-        corpus = evaluation.bits_per_byte(model, tok, phase.corpus_texts("val"), e.corpus_max_tokens)
+        corpus = evaluation.bits_per_byte(model, tok, corpus_texts("val"), e.corpus_max_tokens)
     with steps("reply loss on ShareGPT val"):
         reply = evaluation.assistant_loss(model, tok, [tok.render(phase.with_system(p, row))[:2] for row in val_rows])
     with steps("emotion head on labelled val replies"):

@@ -19,14 +19,13 @@ from persona_lm import stage
 from persona_lm.io import atomic_dir, write_json
 from persona_lm.params import Params
 from persona_lm.tokenizer import load_tokenizer
-from persona_lm.train.phase import TOKENIZER, TOKENS, corpus_batches, corpus_docs, corpus_texts
-from persona_lm.train.tokens import META, token_dtype, write_tokens
+from persona_lm.train.tokens import META, TOKENS, corpus_batches, corpus_docs, corpus_texts, token_dtype, write_tokens
 
-log = logging.getLogger("persona_lm.tokenize_corpus")
+log = logging.getLogger("persona_lm")
 
 
 def main(p: Params) -> None:
-    tok = load_tokenizer(TOKENIZER)
+    tok = load_tokenizer(Path("models/tokenizer"))
     docs = corpus_docs()
     splits = {}
     with atomic_dir(TOKENS) as tmp:

@@ -18,7 +18,8 @@ from persona_lm import stage
 from persona_lm.io import atomic_dir, write_json
 from persona_lm.params import Params
 from persona_lm.tokenizer import ChatTokenizer, TemplateTokenizer, iter_texts, save_tokenizer, train_tokenizer
-from persona_lm.train.phase import TOKENIZER, corpus_batches, corpus_texts, sharegpt_rows
+from persona_lm.train.phase import TOKENIZER, sharegpt_rows
+from persona_lm.train.tokens import corpus_batches, corpus_texts
 
 log = logging.getLogger("persona_lm.train_tokenizer")
 

@@ -202,3 +202,20 @@ def test_a_failing_shard_names_itself_and_a_rerun_sends_only_the_rest(raw, tmp_p
         with get_task_stream() as tasks:
             sharded.filter_shards([good, good, good], Filter(), 1337, work, lambda df: None, map_shards=map_shards)
     assert len(tasks.data) == 2  # shard 0 was finished: not sent again
+
+
+def test_a_cluster_without_workers_is_an_error_not_a_hang(raw, tmp_path, monkeypatch):
+    from distributed import LocalCluster, get_client
+
+    monkeypatch.setattr(engine, "WORKER_WAIT_S", 1)
+    monkeypatch.setattr(engine, "POLL_S", 0.2)
+    with LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=None) as empty:
+        with pytest.raises(PersonaError, match=r"scheduler at tcp://127\.0\.0\.1:\d+ has had no workers for 1 s"):
+            with engine.shard_map(Filter(engine="dask", scheduler=empty.scheduler_address)):
+                pass
+    work = sharded.Work(tmp_path / "w", "a").open()
+    with engine.shard_map(Filter(engine="dask", workers=1)) as map_shards:
+        client = get_client()
+        client.retire_workers(list(client.scheduler_info()["workers"]), close_workers=True)  # all workers lost
+        with pytest.raises(PersonaError, match="the Dask cluster has had no workers for 1 s"):
+            sharded.filter_shards([raw.head(50)], Filter(), 1337, work, lambda df: None, map_shards=map_shards)

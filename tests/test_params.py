@@ -28,7 +28,8 @@ def test_repo_params_are_the_schema_defaults(root):
     ({"filter": {"min_words": 10, "max_words": 5}}, "params.yaml: filter.min_words: must be <= max_words"),
     ({"filter": {"engine": "spark"}}, "params.yaml: filter.engine: must be one of"),
     ({"filter": {"engine": "dask", "workers": 0}}, "params.yaml: filter.workers: must be >= 1 (got 0)"),
-    ({"filter": {"engine": "dask", "scheduler": "node1"}}, "params.yaml: filter.scheduler: must match"),
+    ({"filter": {"engine": "dask", "scheduler": "node1"}},
+     "params.yaml: filter.scheduler: must be an address like tcp://host:port (got 'node1')"),
     ({"filter": {"scheduler": "tcp://node1:8786"}}, "params.yaml: filter.scheduler: is only used with engine: dask"),
     ({"sharegpt": {"weights": {"templates": -1}}}, "params.yaml: sharegpt.weights.templates: must be >= 0"),
     ({"weight_memory": {"r": 0}}, "params.yaml: weight_memory.r: must be >= 1 (got 0)"),
@@ -67,3 +68,16 @@ def test_stage_fails_before_work_on_bad_params(root, tmp_path):
     assert "params.yaml: filter.min_words: must be >= 0 (got -3)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]
+
+
+def test_a_terminated_stage_leaves_no_temp_file(tmp_path):
+    """SIGTERM (kill, timeout, Slurm) inside an atomic write: the stage ends as on Ctrl-C, with no temp file left."""
+    (tmp_path / "params.yaml").write_text("{}\n")
+    code = ("import os, signal\nfrom persona_lm import stage\nfrom persona_lm.io import atomic_path\n"
+            "def main(p):\n    with atomic_path('out.txt') as tmp:\n        tmp.write_text('half')\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n        tmp.write_text('all')\n"
+            "stage.run(main)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 130 and "interrupted; it wrote no partial output" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -236,7 +236,7 @@ class Filter(Section):
     engine: Literal["local", "dask"] = Field("local", description="where each shard is scanned: in the stage's "
                                              "process, or on a Dask cluster (persona_lm.data.engine); the output "
                                              "is byte-identical either way")
-    scheduler: str | None = Field(None, pattern=r"^[a-z]+://\S+:\d+$", description="a running Dask "
+    scheduler: str | None = Field(None, description="a running Dask "
                                   "scheduler's address (tcp://host:port); none: engine dask starts `workers` "
                                   "worker processes on 127.0.0.1")
     workers: int = Field(2, ge=1, description="worker processes of the local Dask cluster")
@@ -245,6 +245,8 @@ class Filter(Section):
     def _bounds(self) -> "Filter":
         if self.min_words > self.max_words:
             raise ValueError(f"min_words: must be <= max_words ({self.max_words}) (got {self.min_words})")
+        if self.scheduler is not None and not re.fullmatch(r"[a-z]+://\S+:\d+", self.scheduler):
+            raise ValueError(f"scheduler: must be an address like tcp://host:port (got {self.scheduler!r})")
         if self.scheduler is not None and self.engine != "dask":
             raise ValueError(f"scheduler: is only used with engine: dask (got engine: {self.engine})")
         return self

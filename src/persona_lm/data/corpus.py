@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,6 +38,8 @@ from persona_lm.data import dedup, engine
 from persona_lm.data.filters import normalize, quality_flags
 from persona_lm.io import write_json
 from persona_lm.params import Filter
+
+log = logging.getLogger("persona_lm")
 
 ROW = {"id": pl.String, "source": pl.String, "text": pl.String}
 OUT = {**ROW, "split": pl.String}
@@ -124,6 +127,8 @@ class Work:
             shutil.rmtree(self.path, ignore_errors=True)
             self.path.mkdir(parents=True)
             stamp.write_text(self.fingerprint)
+        elif finished := len(list(self.path.glob("stats-*.json"))):
+            log.info("filter_corpus: resuming: %d shard(s) finished by an earlier run are not scanned again", finished)
         return self
 
     def remove(self) -> None:

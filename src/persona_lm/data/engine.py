@@ -23,6 +23,10 @@ from typing import Callable, Iterable, Iterator, TypeVar
 from persona_lm.errors import PersonaError
 from persona_lm.params import Filter
 
+log = logging.getLogger("persona_lm")
+WORKER_WAIT_S = 60  # how long a cluster may have no worker before the stage gives up
+POLL_S = 5.0
+
 T = TypeVar("T")
 R = TypeVar("R")
 Map = Callable[[Callable[[T], R], Iterable[tuple[int, T | None]]], Iterator[tuple[int, R | None]]]
@@ -49,6 +53,7 @@ def shard_map(cfg: Filter) -> Iterator[Map]:
         with LocalCluster(n_workers=cfg.workers, threads_per_worker=1, host="127.0.0.1",
                           dashboard_address="127.0.0.1:0", worker_dashboard_address="127.0.0.1:0") as cluster, \
                 Client(cluster) as client:
+            log.info("filter_corpus: scanning shards on a local Dask cluster of %d worker(s)", cfg.workers)
             yield _dask(client, cfg.workers)
         return
     try:
@@ -57,14 +62,19 @@ def shard_map(cfg: Filter) -> Iterator[Map]:
         raise PersonaError(f"filter_corpus: no Dask scheduler at {cfg.scheduler} ({e}); start one with "
                            "`dask scheduler` or set filter.scheduler: null for a local cluster") from None
     with client:
-        workers = len(client.scheduler_info()["workers"])
-        if workers == 0:
-            raise PersonaError(f"filter_corpus: the Dask scheduler at {cfg.scheduler} has no workers; start "
-                               f"them with `dask worker {cfg.scheduler}`")
-        yield _dask(client, workers)
+        try:  # workers started just before may not have registered yet
+            client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+        except TimeoutError:
+            raise PersonaError(f"filter_corpus: the Dask scheduler at {cfg.scheduler} has had no workers for "
+                               f"{WORKER_WAIT_S} s; start them with `dask worker {cfg.scheduler}`") from None
+        log.info("filter_corpus: scanning shards on %d Dask worker(s) at %s", len(client.scheduler_info()["workers"]),
+                 cfg.scheduler)
+        yield _dask(client, len(client.scheduler_info()["workers"]))
 
 
 def _dask(client, workers: int) -> Map:
+    from distributed import wait
+
     def run(fn, shards):
         pending: deque = deque()
 
@@ -72,6 +82,16 @@ def _dask(client, workers: int) -> Map:
             k, future = pending.popleft()
             if future is None:
                 return k, None
+            idle = 0.0
+            while not future.done():  # a cluster that lost every worker never fails the future: watch for it
+                try:
+                    wait(future, timeout=POLL_S)
+                except TimeoutError:
+                    idle = idle + POLL_S if not client.scheduler_info()["workers"] else 0.0
+                    if idle >= WORKER_WAIT_S:
+                        raise PersonaError(f"filter_corpus: the Dask cluster has had no workers for "
+                                           f"{WORKER_WAIT_S} s (see the workers' logs: a worker needs this "
+                                           "project at the same commit); finished shards are kept") from None
             try:
                 return k, future.result()
             except Exception as e:

@@ -13,9 +13,7 @@ import random
 import shutil
 import sys
 import zlib
-from itertools import chain
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import polars as pl
@@ -32,14 +30,12 @@ from persona_lm.tokenizer import ChatTokenizer, load_tokenizer
 from persona_lm.train import checkpoint
 from persona_lm.train.batches import EmotionBatches, MemoryBatches
 from persona_lm.train.loop import PhaseResult
-from persona_lm.train.tokens import load_tokens
+from persona_lm.train.tokens import TOKENS, load_tokens
 from persona_lm.user_facts import make_facts, slots
 
-CORPUS = Path("data/interim/corpus.parquet")
 TRANSCRIPTS = Path("data/interim/transcripts.parquet")
 MESSAGES = Path("data/interim/dialogues/messages.jsonl")
 SHAREGPT = Path("data/processed/sharegpt")
-TOKENS = Path("data/processed/tokens")
 TOKENIZER = Path("models/tokenizer")
 # Where a phase's resumable checkpoints go; the tournament gives each candidate its own folder (where checkpoints
 # live changes no result, so it is not a param).
@@ -72,34 +68,6 @@ def token_stream(tok: ChatTokenizer, texts: list[str]) -> torch.Tensor:
     for doc in tok.encode_batch(texts):
         ids += doc + [tok.eot]
     return torch.tensor(ids, dtype=torch.long)
-
-
-def _corpus() -> Path:
-    if not CORPUS.exists():
-        raise PersonaError(f"{CORPUS} is missing: run `dvc repro filter_corpus` first")
-    return CORPUS
-
-
-def corpus_docs() -> dict[str, int]:
-    """Documents per split of the filtered corpus (reads only the split column)."""
-    return dict(pl.scan_parquet(_corpus()).group_by("split").len().collect().iter_rows())
-
-
-def corpus_batches(split: str, rows: int = 4096) -> Iterator[list[str]]:
-    """The texts of one split of the filtered corpus, in order, `rows` documents at a time: memory holds one batch
-    of the file, never the corpus."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    # pre_buffer=False: pyarrow's read-ahead cache would keep every row group read until the file closes
-    for batch in pq.ParquetFile(_corpus(), pre_buffer=False).iter_batches(batch_size=rows, columns=["text", "split"]):
-        texts = batch.column("text").filter(pc.equal(batch.column("split"), split)).to_pylist()
-        if texts:
-            yield texts
-
-
-def corpus_texts(split: str) -> Iterator[str]:
-    return chain.from_iterable(corpus_batches(split))
 
 
 def corpus_tokens(split: str) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The filtered corpus as memory-mapped token files, as nanoGPT's train.bin/val.bin: one flat file of token ids
+"""The filtered corpus read as a stream of text batches, and as memory-mapped token files, as nanoGPT's train.bin/val.bin: one flat file of token ids
 per split, documents joined by <|endoftext|>, memory-mapped so pretraining samples windows from a corpus
 larger than RAM (only the pages a batch touches are read).
 
@@ -14,13 +14,16 @@ import json
 import mmap
 from itertools import chain
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
+import polars as pl
 
 from persona_lm.errors import PersonaError
 
 META = "meta.json"
+CORPUS = Path("data/interim/corpus.parquet")  # filter_corpus's output
+TOKENS = Path("data/processed/tokens")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -30,7 +33,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def write_tokens(tok, batches: Iterable[list[str]], path: Path) -> dict:
     """Encode each batch of documents (`tok.encode_batch`), append `doc + [eot]` per document to `path` (a flat
-    array of `token_dtype(tok.vocab_size)`), and return {"tokens", "docs", "bytes" (UTF-8 text bytes), "sha256"}.
+    array of `token_dtype(tok.vocab_size)`), and return {"tokens" (one <|endoftext|> per document included), "docs",
+    "bytes" (the documents' UTF-8 text, not the file), "sha256" (of the file)}.
     The caller makes the write atomic."""
     dtype = token_dtype(tok.vocab_size)
     h = hashlib.sha256()
@@ -75,3 +79,31 @@ def load_tokens(folder: Path, split: str) -> np.ndarray:
     if hasattr(mapped, "madvise"):
         mapped.madvise(mmap.MADV_RANDOM)
     return np.frombuffer(mapped, dtype=dtype)
+
+
+def _corpus() -> Path:
+    if not CORPUS.exists():
+        raise PersonaError(f"{CORPUS} is missing: run `dvc repro filter_corpus` first")
+    return CORPUS
+
+
+def corpus_docs() -> dict[str, int]:
+    """Documents per split of the filtered corpus (reads only the split column)."""
+    return dict(pl.scan_parquet(_corpus()).group_by("split").len().collect().iter_rows())
+
+
+def corpus_batches(split: str, rows: int = 4096) -> Iterator[list[str]]:
+    """The texts of one split of the filtered corpus, in order, `rows` documents at a time: memory holds one batch
+    of the file, never the corpus."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    # pre_buffer=False: pyarrow's read-ahead cache would keep every row group read until the file closes
+    for batch in pq.ParquetFile(_corpus(), pre_buffer=False).iter_batches(batch_size=rows, columns=["text", "split"]):
+        texts = batch.column("text").filter(pc.equal(batch.column("split"), split)).to_pylist()
+        if texts:
+            yield texts
+
+
+def corpus_texts(split: str) -> Iterator[str]:
+    return chain.from_iterable(corpus_batches(split))
