@@ -192,7 +192,7 @@ def resolve(work: Work, cfg: Filter) -> tuple[np.ndarray, np.ndarray, np.ndarray
         if len(keep) >= 2:
             position = np.full(n, -1, dtype=np.int32)
             position[keep] = np.arange(len(keep), dtype=np.int32)
-            buckets = _buckets(work, passed, position, cfg.minhash.bands, cfg.minhash.rows)
+            buckets = _buckets(work, passed, position, len(keep), cfg.minhash.bands, cfg.minhash.rows)
             near[keep] = _propagate(buckets, len(keep)) != np.arange(len(keep))
             shutil.rmtree(work.path / "bands", ignore_errors=True)
     kept = passed & ~exact & ~near
@@ -201,14 +201,14 @@ def resolve(work: Work, cfg: Filter) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return exact, near, kept, val
 
 
-def _buckets(work: Work, passed: np.ndarray, position: np.ndarray, bands: int, rows: int) -> list[Path]:
+def _buckets(work: Work, passed: np.ndarray, position: np.ndarray, n: int, bands: int, rows: int) -> list[Path]:
     """Per band and partition, the buckets of two or more candidates: a .npz of `pos` (the position in id order
     of each document in such a bucket) and `group` (its bucket, 0..k). Each shard's band is read once and split
     into partition files by its rows' first value; each partition is then bucketed in memory on its own."""
     folder = work.path / "bands"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
-    parts = -(-int((position >= 0).sum()) // PART_DOCS)
+    parts = -(-n // PART_DOCS)  # n candidates, those with a position
     record = np.dtype([("pos", "<i4"), ("v", "<u4", (rows,))])
     out = []
     for b in range(bands):

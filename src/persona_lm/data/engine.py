@@ -67,9 +67,9 @@ def shard_map(cfg: Filter) -> Iterator[Map]:
         except TimeoutError:
             raise PersonaError(f"filter_corpus: the Dask scheduler at {cfg.scheduler} has had no workers for "
                                f"{WORKER_WAIT_S} s; start them with `dask worker {cfg.scheduler}`") from None
-        log.info("filter_corpus: scanning shards on %d Dask worker(s) at %s", len(client.scheduler_info()["workers"]),
-                 cfg.scheduler)
-        yield _dask(client, len(client.scheduler_info()["workers"]))
+        workers = len(client.scheduler_info()["workers"])
+        log.info("filter_corpus: scanning shards on %d Dask worker(s) at %s", workers, cfg.scheduler)
+        yield _dask(client, workers)
 
 
 def _dask(client, workers: int) -> Map:
